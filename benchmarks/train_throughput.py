@@ -1,0 +1,83 @@
+"""Training throughput: a plain torchvision DataLoader loop vs our trainer, same GPU, same run.
+
+(a) torchvision CIFAR10 + RandomCrop/Flip/ToTensor, DataLoader(batch 128, 4 workers, pinned),
+    fp32, NCHW, SGD — the loop most CIFAR repositories use;
+(b) elastictrain.train.fit: data resident on the GPU, crop/flip on the GPU, bf16 autocast,
+    channels_last, batch 512.
+Both time one full epoch over the 50k training images after a warm-up epoch (cuDNN autotuning
+and worker start-up excluded), and report images/s. Measured: see README (GPU kind stated there).
+
+    python benchmarks/train_throughput.py [--model vgg16] [--synthetic]
+
+--synthetic replaces CIFAR-10 by random uint8 images of the same shape (timing does not depend on
+pixel values); it skips (a), which needs the real files.
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from elastictrain.data import GpuLoader, Split, data_root, load_split
+from elastictrain.models import create_model
+from elastictrain.train import TrainConfig, fit
+
+
+def dataloader_images_per_s(model_name, root, batch=128, workers=4):
+    import torchvision
+    import torchvision.transforms as T
+    ds = torchvision.datasets.CIFAR10(str(root), train=True, download=True,
+                                      transform=T.Compose([T.RandomCrop(32, 4), T.RandomHorizontalFlip(), T.ToTensor()]))
+    loader = torch.utils.data.DataLoader(ds, batch, shuffle=True, num_workers=workers, pin_memory=True,
+                                         drop_last=True, persistent_workers=True)
+    model = create_model(model_name).cuda().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    times = []
+    for _ in range(2):  # the first epoch warms up cuDNN and the workers
+        torch.cuda.synchronize()
+        t0, n = time.perf_counter(), 0
+        for x, y in loader:
+            x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += len(y)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return n / times[-1]
+
+
+def trainer_images_per_s(model_name, split, batch=512):
+    loader = GpuLoader(split, batch, train=True, crop_pad=4, flip=True, device="cuda")
+    cfg = TrainConfig(epochs=2, lr=0.05, eval_every=0)
+    _, hist = fit(create_model(model_name), loader, None, cfg, device="cuda", progress=False)
+    return len(loader) * batch / hist["epoch_time_s"].iloc[-1]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="vgg16", nargs="+")
+    p.add_argument("--batch", type=int, default=512, nargs="+", help="batch sizes for our trainer")
+    p.add_argument("--synthetic", action="store_true")
+    args = p.parse_args()
+    if args.synthetic:
+        g = torch.Generator().manual_seed(0)
+        split = Split(torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8, generator=g),
+                      torch.randint(0, 10, (50000,), generator=g), "synthetic")
+    else:
+        split = load_split("cifar10", train=True)
+    print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    for name in args.model:
+        base = None
+        if not args.synthetic:
+            base = dataloader_images_per_s(name, root=data_root())
+            print(f"{name}: (a) DataLoader bs128 fp32 4 workers: {base:,.0f} images/s")
+        for b in args.batch:
+            ours = trainer_images_per_s(name, split, b)
+            ratio = f", {ours / base:.1f}x (a)" if base else ""
+            print(f"{name}: (b) elastictrain fit bs{b} bf16 channels_last: {ours:,.0f} images/s{ratio}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Independent re-measurement of shipped models: the numbers behind `python -m elastictrain table`.
+
+Everything here starts from the file alone: it is loaded with ``load_compressed``, evaluated in
+float32 on the full official test set, and its compression is counted from the rebuilt weights
+and the file's bytes, never taken from what the training run recorded.
+"""
+from pathlib import Path
+
+import torch
+
+from .flops import count_flops, count_params
+from .metrics import count_weights, dense_fp32_bytes, paper_compression
+from .rows import ROWS
+from .storage import load_compressed
+from .train import evaluate
+
+
+
+def trained_models_dir() -> Path:
+    """``./TrainedModels`` when run from a checkout, else the one beside the source tree."""
+    here = Path.cwd() / "TrainedModels"
+    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "TrainedModels"
+
+
+def shipped_models(folder=None) -> list[Path]:
+    return sorted(Path(folder or trained_models_dir()).glob("*.etm"))
+
+
+def measure(path, device="cpu", dataset=None) -> dict:
+    """Load one ``.etm`` file and measure it; the row (paper figures) comes from its file name."""
+    path = Path(path)
+    model = load_compressed(path).to(device)
+    row = ROWS.get(path.stem)
+    meta = getattr(model, "meta", {})
+    bits = int(meta.get("bits", 32))
+    dataset = dataset or (row.dataset if row else meta.get("dataset", "cifar10"))
+    with torch.autocast(torch.device(device).type, enabled=False):
+        acc = evaluate(model, dataset, device=device)
+    total, nonzero = count_weights(model)
+    size = path.stat().st_size
+    out = {
+        "row": path.stem, "file": str(path.name), "notebook": row.notebook if row else None,
+        "description": row.description if row else meta.get("description"),
+        "paper_accuracy": row.paper_accuracy if row else None,
+        "paper_compression": row.paper_compression if row else None,
+        "compression_kind": row.compression_kind if row else "paper-style",
+        "accuracy": round(acc["top1"], 2), "top5": round(acc["top5"], 2), "test_images": acc["n"],
+        "weights": total, "nonzeros": nonzero, "bits": bits,
+        "compression": paper_compression(model, bits), "file_bytes": size,
+        "dense_fp32_bytes": dense_fp32_bytes(model), "honest_compression": dense_fp32_bytes(model) / size,
+        "flops": count_flops(model), "params": count_params(model),
+        "recorded_accuracy": meta.get("accuracy"),
+    }
+    if out["compression_kind"] == "FR" and "base_flops" in meta:
+        out["compression"] = meta["base_flops"] / out["flops"]  # CUP rows: FLOPs reduction
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    if not results:
+        return "no shipped models in TrainedModels/ yet (see README: reproduction status)"
+    head = (f"{'row':<5} {'description':<38} {'paper acc':>9} {'our acc':>8} {'paper ×':>8} "
+            f"{'our ×':>9} {'file bytes':>11} {'honest ×':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        pa = "—" if r["paper_accuracy"] is None else f"{r['paper_accuracy']:.2f}"
+        pc = "—" if r["paper_compression"] is None else f"{r['paper_compression']:g}"
+        lines.append(f"{r['row']:<5} {str(r['description'])[:38]:<38} {pa:>9} {r['accuracy']:>8.2f} {pc:>8} "
+                     f"{r['compression']:>9.1f} {r['file_bytes']:>11,} {r['honest_compression']:>9.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""Counting what a compressed model holds, the way ElasticTrain's ModelEval counts it.
+
+ModelEval's compression = (conv + linear ``.weight`` elements) / (non-zero elements), times
+32/bits when quantized; biases and BatchNorm are not counted, nor are indices or codebooks
+(spec elastictrain.md §2.4). The honest counterpart, bytes of the exported file, is in ``storage``.
+"""
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from .models.common import prunable_weights
+
+
+def layer_table(model: nn.Module) -> pd.DataFrame:
+    """One row per conv/linear weight: shape, weights, non-zeros, density, unique non-zero values
+    and (conv only) the fraction of all-zero k×k kernels."""
+    rows = []
+    for name, w in prunable_weights(model).items():
+        w = w.detach()
+        nz = w[w != 0]
+        row = {"layer": name, "shape": "x".join(map(str, w.shape)), "weights": w.numel(),
+               "nonzeros": int(nz.numel()), "density": nz.numel() / w.numel(),
+               "unique_nonzero": int(torch.unique(nz).numel())}
+        row["zero_kernels"] = (float((w.flatten(2) == 0).all(2).float().mean()) if w.ndim == 4
+                               else float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def count_weights(model: nn.Module) -> tuple[int, int]:
+    """(conv+linear weight count, non-zeros among them)."""
+    ws = prunable_weights(model).values()
+    return sum(w.numel() for w in ws), sum(int((w != 0).sum()) for w in ws)
+
+
+def paper_compression(model: nn.Module, bits: int = 32) -> float:
+    """ModelEval's ratio: weight count / non-zeros × 32 / bits (indices and codebooks ignored)."""
+    total, nonzero = count_weights(model)
+    if nonzero == 0:
+        raise ValueError("the model has no non-zero conv/linear weight")
+    return total / nonzero * 32 / bits
+
+
+def dense_fp32_bytes(model: nn.Module) -> int:
+    """Bytes of the counted weights stored densely in fp32 (58,862,336 for VGG16): the reference
+    of the honest ratio."""
+    return 4 * count_weights(model)[0]

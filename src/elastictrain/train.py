@@ -1,0 +1,257 @@
+"""One training loop for every method in this repository.
+
+Fast path on CUDA: data resident on the GPU (``data.GpuLoader``), bf16 autocast, channels_last,
+large batches. The learning rate is a pure function of the step, so resuming needs no scheduler
+state and a callback may swap the model or optimiser mid-run (CUP-SS rebuilds both when it prunes).
+Pruning masks, quantizers and CUP-SS hook in through ``Callback``.
+"""
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoints  # noqa: F401 (resumable runs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    lr: float = 0.1                     # peak learning rate
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    decay_bn_and_bias: bool = True      # False: no weight decay on 1-D parameters (BN, biases)
+    schedule: str = "onecycle"          # onecycle | cosine | step | constant
+    warmup: float = 0.15                # fraction of steps spent warming up (onecycle, cosine)
+    milestones: tuple = ()              # epochs at which 'step' multiplies the lr by gamma
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    eval_every: int = 1                 # evaluate on the test loader every n epochs (0: only at the end)
+    checkpoint_every: int = 10          # epochs between resumable checkpoints (when a path is given)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in ("onecycle", "cosine", "step", "constant"):
+            raise ValueError(f"schedule must be onecycle, cosine, step or constant, not {self.schedule!r}")
+        if self.epochs < 1 or self.lr <= 0 or not 0 <= self.warmup < 1:
+            raise ValueError(f"need epochs >= 1, lr > 0 and 0 <= warmup < 1 (got {self.epochs}, "
+                             f"{self.lr}, {self.warmup})")
+
+    def lr_at(self, step: int, steps_per_epoch: int) -> float:
+        total = self.epochs * steps_per_epoch
+        t = step / total
+        if self.schedule == "step":
+            return self.lr * self.gamma ** sum(step // steps_per_epoch >= m for m in self.milestones)
+        if self.schedule == "constant":
+            return self.lr
+        if t < self.warmup:  # linear warm-up from lr/25, as torch's OneCycleLR does
+            return self.lr * (0.04 + 0.96 * t / self.warmup)
+        u = (t - self.warmup) / (1 - self.warmup)
+        return self.lr * (1 - u) if self.schedule == "onecycle" else self.lr * 0.5 * (1 + math.cos(math.pi * u))
+
+
+class Callback:
+    """Hooks into ``fit``. ``state`` is the live ``TrainState``: a callback may replace
+    ``state.model`` or ``state.optimizer`` (call ``state.rebuild_optimizer()``)."""
+
+    def on_train_begin(self, state): ...
+    def before_epoch(self, state): ...
+    def after_step(self, state): ...
+    def after_epoch(self, state): ...
+    def state_dict(self) -> dict: return {}
+    def load_state_dict(self, d: dict): ...
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    device: torch.device
+    epoch: int = 0           # epochs completed
+    step: int = 0            # optimiser steps completed
+    history: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)   # callbacks add per-epoch columns here
+
+    def rebuild_optimizer(self):
+        self.optimizer = make_optimizer(self.model, self.config)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 and not cfg.decay_bn_and_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device):
+    # bf16 on CUDA; on the CPU bf16 is slower than fp32, and smoke runs need no speed.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def prepare_model(model: nn.Module, device) -> nn.Module:
+    model = model.to(device)
+    if torch.device(device).type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, callbacks=(),
+        device=None, checkpoint_path=None, progress=True) -> tuple[nn.Module, pd.DataFrame]:
+    """Train ``model`` and return ``(model, history)``; history has one row per epoch.
+
+    With ``checkpoint_path``, a resumable checkpoint is written atomically every
+    ``config.checkpoint_every`` epochs and at the end, and an existing one is resumed from.
+    The returned model is the one after the final epoch (never a best-epoch pick).
+    """
+    device = torch.device(device or default_device())
+    torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = prepare_model(model, device)
+    state = TrainState(model, make_optimizer(model, config), config, device)
+    if checkpoint_path and Path(checkpoint_path).exists():
+        _resume(state, checkpoint_path, callbacks)
+    else:
+        for cb in callbacks:
+            cb.on_train_begin(state)
+    steps_per_epoch = len(train_loader)
+    bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
+               disable=not progress, file=sys.stdout, mininterval=5.0, desc="epochs")
+    for _ in bar:
+        for cb in callbacks:
+            cb.before_epoch(state)
+        state.metrics = {}
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        state.model.train()
+        for x, y in train_loader:
+            lr = config.lr_at(state.step, steps_per_epoch)
+            for g in state.optimizer.param_groups:
+                g["lr"] = lr
+            with _autocast(device):
+                out = state.model(x)
+                loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+            state.step += 1
+            for cb in callbacks:
+                cb.after_step(state)
+            # Accumulate on the device: a .item() per step would sync and stall the GPU.
+            loss_sum += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
+            seen += len(y)
+        state.epoch += 1
+        row = {"epoch": state.epoch, "lr": lr, "train_loss": loss_sum.item() / seen,
+               "train_acc": 100.0 * correct.item() / seen}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        row["epoch_time_s"] = time.perf_counter() - t0
+        last = state.epoch == config.epochs
+        if test_loader is not None and (last or (config.eval_every and state.epoch % config.eval_every == 0)):
+            row.update({f"test_{k}": v for k, v in evaluate(state.model, test_loader, amp=True).items()
+                        if k in ("top1", "loss")})
+        for cb in callbacks:
+            cb.after_epoch(state)
+        row.update(state.metrics)
+        state.history.append(row)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("train_loss", "test_top1")})
+        if checkpoint_path and (last or state.epoch % config.checkpoint_every == 0):
+            _save(state, checkpoint_path, callbacks)
+    return state.model, pd.DataFrame(state.history)
+
+
+def _save(state, path, callbacks):
+    checkpoints.save_checkpoint(path, state.model, epoch=state.epoch, optimizer=state.optimizer, extra={
+        "step": state.step, "history": state.history, "config": _plain(asdict(state.config)),
+        "callbacks": [cb.state_dict() for cb in callbacks]})
+
+
+def _resume(state, path, callbacks):
+    ckpt = checkpoints.load_checkpoint(path, expected_arch=state.model.arch["name"])
+    state.model.load_state_dict(ckpt["state_dict"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.epoch, state.step = ckpt["epoch"], ckpt["extra"]["step"]
+    state.history = list(ckpt["extra"]["history"])
+    for cb, d in zip(callbacks, ckpt["extra"]["callbacks"]):
+        cb.load_state_dict(d)
+
+
+def _plain(d):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, *, amp: bool = False, device=None) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean loss over every sample of ``data``.
+
+    ``data`` is a loader yielding (x, y) or a dataset name ('cifar10', 'mnist'), in which case the
+    full official test split is used. ``amp`` evaluates in bf16 on CUDA (training curves only:
+    reported figures use float32).
+    """
+    if isinstance(data, str):
+        from .data import GpuLoader, load_split
+        device = torch.device(device or next(model.parameters()).device)
+        data = GpuLoader(load_split(data, train=False), 1000, train=False, device=device)
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    n, top1, top5, loss = 0, 0, 0, 0.0
+    ctx = _autocast(dev) if amp else torch.autocast(dev.type, enabled=False)
+    for x, y in data:
+        x, y = x.to(dev), y.to(dev)
+        with ctx:
+            out = model(x).float()
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        k = min(5, out.shape[1])
+        pred = out.topk(k, 1).indices
+        top1 += (pred[:, 0] == y).sum().item()
+        top5 += (pred == y[:, None]).any(1).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "n": n}
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader, batches: int = 50):
+    """Re-estimate BatchNorm running statistics in train mode without gradients.
+
+    Used after mask updates and before evaluation of pruned models (spec §5.8): a mask change
+    shifts every downstream activation distribution, and stale statistics cost accuracy.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the recalibration batches
+    model.train()
+    dev = next(model.parameters()).device
+    for i, (x, _) in enumerate(loader):
+        if i == batches:
+            break
+        with _autocast(dev):
+            model(x.to(dev))
+    for m in bns:
+        m.momentum = 0.1
+    model.train(was_training)
+    return model

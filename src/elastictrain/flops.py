@@ -25,6 +25,17 @@ _IMAGENET_INPUT = (1, 3, 224, 224)
 _CIFAR_INPUT = (1, 3, 32, 32)
 _IMAGENET_MODELS = {"resnet18", "resnet34", "resnet50"}
 
+# (FLOPs, params) of the unpruned models as CUP printed them (cup.md §1.10); notebooks print ours
+# beside these, and the tests check them with independently written numbers.
+PUBLISHED = {
+    "mlp": (1_091_610, 545_810),
+    "vgg16": (627_634_698, 14_728_266),
+    "resnet56": (253_121_802, 855_770),
+    "resnet18": (3_637_254_632, 11_689_512),
+    "resnet34": (7_340_393_960, 21_797_672),
+    "resnet50": (8_212_112_872, 25_557_032),
+}
+
 
 def _default_input_size(model: nn.Module) -> tuple[int, ...]:
     name = (getattr(model, "arch", None) or {}).get("name")

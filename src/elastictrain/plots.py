@@ -1,5 +1,7 @@
 """Figures the notebooks draw. Each returns the matplotlib Figure (nbval compares only its
-``<Figure size …>`` text, so the layout of a figure must not depend on SMOKE)."""
+``<Figure size …>`` text, so the layout of a figure must not depend on SMOKE). Figures are closed
+before they are returned: the notebook displays the returned object once, and the inline backend
+does not flush a second copy."""
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -22,6 +24,7 @@ def sparsity_bars(model, title="per-layer density"):
     ax.set_ylabel("density (non-zero / weights)")
     ax.set_title(title)
     fig.tight_layout()
+    plt.close(fig)
     return fig
 
 
@@ -41,6 +44,7 @@ def weight_histograms(model, cols=5, bins=60, centroids=None):
         ax.set_title(_short(name), fontsize=8)
         ax.tick_params(labelsize=6)
     fig.tight_layout()
+    plt.close(fig)
     return fig
 
 
@@ -59,4 +63,5 @@ def training_curves(history: pd.DataFrame, title=""):
     b.set_ylim(max(0.0, float(np.nanmin(h.get("test_top1", h["train_acc"]))) - 5), 100)
     fig.suptitle(title)
     fig.tight_layout()
+    plt.close(fig)
     return fig

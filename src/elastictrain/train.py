@@ -131,6 +131,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
         for cb in callbacks:
             cb.on_train_begin(state)
     steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the training loader yields no batch: the split is smaller than one batch "
+                         "(lower the batch size or use more training images)")
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
                disable=not progress, file=sys.stdout, mininterval=5.0, desc="epochs")
     for _ in bar:

@@ -48,9 +48,9 @@ def dataloader_images_per_s(model_name, root, batch=128, workers=4):
     return n / times[-1]
 
 
-def trainer_images_per_s(model_name, split, batch=512):
+def trainer_images_per_s(model_name, split, batch=512, compile=None):
     loader = GpuLoader(split, batch, train=True, crop_pad=4, flip=True, device="cuda")
-    cfg = TrainConfig(epochs=2, lr=0.05, eval_every=0)
+    cfg = TrainConfig(epochs=2, lr=0.05, eval_every=0, compile=compile)
     _, hist = fit(create_model(model_name), loader, None, cfg, device="cuda", progress=False)
     return len(loader) * batch / hist["epoch_time_s"].iloc[-1]
 
@@ -60,6 +60,8 @@ def main():
     p.add_argument("--model", default="vgg16", nargs="+")
     p.add_argument("--batch", type=int, default=512, nargs="+", help="batch sizes for our trainer")
     p.add_argument("--synthetic", action="store_true")
+    p.add_argument("--compile", nargs="+", default=[None], type=lambda s: None if s == "none" else s,
+                   help="torch.compile modes to time for our trainer ('none' = eager)")
     args = p.parse_args()
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
@@ -73,10 +75,12 @@ def main():
         if not args.synthetic:
             base = dataloader_images_per_s(name, root=data_root())
             print(f"{name}: (a) DataLoader bs128 fp32 4 workers: {base:,.0f} images/s")
-        for b in args.batch:
-            ours = trainer_images_per_s(name, split, b)
-            ratio = f", {ours / base:.1f}x (a)" if base else ""
-            print(f"{name}: (b) elastictrain fit bs{b} bf16 channels_last: {ours:,.0f} images/s{ratio}")
+        for mode in args.compile:
+            for b in args.batch:
+                ours = trainer_images_per_s(name, split, b, mode)
+                ratio = f", {ours / base:.1f}x (a)" if base else ""
+                print(f"{name}: (b) elastictrain fit bs{b} bf16 channels_last compile={mode}: "
+                      f"{ours:,.0f} images/s{ratio}", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class TrainConfig:
     eval_every: int = 1                 # evaluate on the test loader every n epochs (0: only at the end)
     checkpoint_every: int = 10          # epochs between resumable checkpoints (when a path is given)
     seed: int = 0
+    compile: str | None = None          # torch.compile mode for the training forward (CUDA only), e.g. "default"
 
     def __post_init__(self):
         if self.schedule not in ("onecycle", "cosine", "step", "constant"):
@@ -134,6 +135,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batch: the split is smaller than one batch "
                          "(lower the batch size or use more training images)")
+    compiled = _Compiled(config.compile if device.type == "cuda" else None)
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
                disable=not progress, file=sys.stdout, mininterval=5.0, desc="epochs")
     for _ in bar:
@@ -150,7 +152,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
             for g in state.optimizer.param_groups:
                 g["lr"] = lr
             with _autocast(device):
-                out = state.model(x)
+                out = compiled(state.model)(x)
                 loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -180,6 +182,24 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
         if checkpoint_path and (last or state.epoch % config.checkpoint_every == 0):
             _save(state, checkpoint_path, callbacks)
     return state.model, pd.DataFrame(state.history)
+
+
+class _Compiled:
+    """The compiled training forward, rebuilt when a callback swaps the model (CUP-SS).
+
+    Small CIFAR nets are bound by per-op Python overhead at any batch size (ResNet-56 on an H200:
+    ~21 ms per step at batch 256 and at 512); compiling removes most of it. Evaluation stays eager.
+    """
+
+    def __init__(self, mode):
+        self.mode, self.source, self.fn = mode, None, None
+
+    def __call__(self, model):
+        if self.mode is None:
+            return model
+        if model is not self.source:
+            self.source, self.fn = model, torch.compile(model, mode=self.mode)
+        return self.fn
 
 
 def _save(state, path, callbacks):

@@ -44,8 +44,10 @@ class DenseConfig:
 
 
 # Recipes: GPU-resident data, bf16, one-cycle SGD with Nesterov momentum and label smoothing 0.1.
-# ResNet-56 keeps batch 256 (its thin layers lose accuracy at large batches) and is compiled: eager,
-# its step costs ~21 ms of per-op overhead whatever the batch. The MLP sees ±2 px translations
+# ResNet-56 keeps batch 256 (its thin layers lose accuracy at large batches). Its step is bound by
+# kernel launches (~21 ms at batch 256 and 512 alike on an H200); the committed run used
+# compile="default", which measured no faster than eager; "reduce-overhead" (CUDA graphs) measured
+# 2.6x faster (README, benchmark), so later ResNet-56 rows use that. The MLP sees ±2 px translations
 # (CUP used no augmentation; an MLP overfits MNIST within 30 epochs without it).
 DENSE = {
     "vgg16": DenseConfig(
@@ -96,8 +98,10 @@ def _finished_run(path: Path, cfg: DenseConfig, test_loader) -> DenseResult | No
     accuracy = evaluate(model, test_loader)["top1"]
     history = pd.DataFrame(ckpt["extra"]["history"])
     print(f"{cfg.model}: finished run found in {path} (trained by an earlier execution); re-measured")
-    return DenseResult(model.cpu(), history, accuracy, float(history["epoch_time_s"].sum()), path,
-                       checkpoints.sha256_file(path))
+    # The earlier execution may have recorded it in a MANIFEST that was since replaced (a GPU call
+    # receives a fresh copy of the working tree), so record it again.
+    sha = checkpoints.record_in_manifest(path, note="notebooks/00_dense_baselines.ipynb")
+    return DenseResult(model.cpu(), history, accuracy, float(history["epoch_time_s"].sum()), path, sha)
 
 
 def summary_table(configs: dict, results: dict) -> pd.DataFrame:

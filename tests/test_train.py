@@ -1,0 +1,329 @@
+"""Tests for elastictrain.train: schedules, the fit loop, callbacks, resuming, evaluation and BN
+recalibration. Training runs use a small MLP on a slice of MNIST ($ELASTICTRAIN_DATA), on the CPU."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from elastictrain import checkpoints
+from elastictrain import data as D
+from elastictrain.data import DatasetMissingError, GpuLoader, Split
+from elastictrain.models import create_model
+from elastictrain.train import Callback, TrainConfig, evaluate, fit, recalibrate_bn
+
+HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "epoch_time_s", "test_top1", "test_loss"]
+
+
+@pytest.fixture(autouse=True)
+def private_checkpoints_dir(tmp_path, monkeypatch):
+    """load_checkpoint consults checkpoints_dir()/MANIFEST: point it at an empty temp folder."""
+    monkeypatch.setenv("ELASTICTRAIN_CHECKPOINTS", str(tmp_path / "ckpts"))
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    folder = D.data_root() / "MNIST"
+    if not folder.is_dir():
+        pytest.skip(f"MNIST not found at {folder} (set ELASTICTRAIN_DATA to the torchvision data root)")
+    try:
+        return D.load_split("mnist", True).subset(2048), D.load_split("mnist", False).subset(500)
+    except DatasetMissingError as e:
+        pytest.skip(f"MNIST not usable under {D.data_root()}: {e}")
+
+
+def loaders(mnist, n_train=2048, bs=64, seed=0):
+    train, test = mnist
+    return (GpuLoader(train.subset(n_train), bs, train=True, seed=seed),
+            GpuLoader(test, 250, train=False))
+
+
+def small_mlp(seed=0):
+    torch.manual_seed(seed)
+    return create_model("mlp", hidden=(64, 32))
+
+
+# --------------------------------------------------------------------------------------- schedules
+
+def test_onecycle_schedule():
+    cfg = TrainConfig(epochs=10, lr=0.2, schedule="onecycle", warmup=0.15)
+    spe = 20  # 200 steps, warm-up ends at step 30
+    lrs = [cfg.lr_at(s, spe) for s in range(200)]
+    assert lrs[0] == pytest.approx(0.2 * 0.04)
+    assert lrs[15] == pytest.approx(0.2 * (0.04 + 0.96 * 0.5))
+    assert lrs[30] == pytest.approx(0.2)
+    assert max(lrs) == lrs[30]
+    assert all(a < b for a, b in zip(lrs[:30], lrs[1:31]))   # rising during warm-up
+    assert all(a > b for a, b in zip(lrs[30:], lrs[31:]))    # then falling linearly
+    assert lrs[-1] < 0.01 * 0.2
+    assert lrs[-1] == pytest.approx(0.2 * (1 - (199 / 200 - 0.15) / 0.85))
+    assert cfg.lr_at(200, spe) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_schedule():
+    cfg = TrainConfig(epochs=4, lr=1.0, schedule="cosine", warmup=0.25)
+    spe = 25
+    assert cfg.lr_at(0, spe) == pytest.approx(0.04)
+    assert cfg.lr_at(25, spe) == pytest.approx(1.0)
+    assert cfg.lr_at(25 + 75 // 2, spe) == pytest.approx(0.5 * (1 + math.cos(math.pi * 37 / 75)))
+    assert cfg.lr_at(99, spe) < 0.001
+
+
+def test_step_schedule():
+    cfg = TrainConfig(epochs=10, lr=0.5, schedule="step", milestones=(5, 8), gamma=0.1)
+    spe = 7
+    per_epoch = [{cfg.lr_at(e * spe + i, spe) for i in range(spe)} for e in range(10)]
+    assert all(len(s) == 1 for s in per_epoch)  # constant within an epoch
+    lrs = [s.pop() for s in per_epoch]
+    assert lrs[:5] == [0.5] * 5
+    assert lrs[5:8] == pytest.approx([0.05] * 3)
+    assert lrs[8:] == pytest.approx([0.005] * 2)
+
+
+def test_constant_schedule():
+    cfg = TrainConfig(epochs=3, lr=0.3, schedule="constant")
+    assert {cfg.lr_at(s, 10) for s in range(30)} == {0.3}
+
+
+@pytest.mark.parametrize("kw", [{"schedule": "linear"}, {"epochs": 0}, {"lr": 0.0}, {"warmup": 1.0},
+                                {"warmup": -0.1}])
+def test_invalid_config_raises(kw):
+    with pytest.raises(ValueError):
+        TrainConfig(**kw)
+
+
+# ---------------------------------------------------------------------------------------- fitting
+
+@pytest.fixture(scope="module")
+def mnist_run(mnist):
+    train, test = loaders(mnist)
+    model = small_mlp()
+    cfg = TrainConfig(epochs=3, lr=0.1, seed=0)
+    model, hist = fit(model, train, test, cfg, device="cpu", progress=False)
+    return model, hist, train, test, cfg
+
+
+def test_fit_history_shape_and_columns(mnist_run):
+    _, hist, train, _, cfg = mnist_run
+    assert isinstance(hist, pd.DataFrame)
+    assert len(hist) == 3
+    assert list(hist.columns) == HISTORY_COLUMNS
+    assert hist["epoch"].tolist() == [1, 2, 3]
+    spe = len(train)
+    assert spe == 32
+    # the recorded lr is the one of the epoch's last step
+    assert hist["lr"].tolist() == pytest.approx([cfg.lr_at((e + 1) * spe - 1, spe) for e in range(3)])
+    assert (hist["epoch_time_s"] > 0).all()
+
+
+def test_fit_learns_mnist(mnist_run):
+    model, hist, _, test, _ = mnist_run
+    loss = hist["train_loss"].tolist()
+    assert loss[0] < 0.9 * math.log(10)  # well below chance already after one epoch
+    assert loss[2] < 0.5 * loss[0]
+    assert hist["train_acc"].iloc[-1] > hist["train_acc"].iloc[0]
+    assert hist["test_top1"].iloc[-1] > 60.0
+    res = evaluate(model, test)
+    # fit evaluates the final model: its last test figures are the final model's
+    assert res["top1"] == pytest.approx(hist["test_top1"].iloc[-1])
+    assert res["loss"] == pytest.approx(hist["test_loss"].iloc[-1], rel=1e-5)
+
+
+def test_evaluate_fields(mnist_run):
+    model, _, _, test, _ = mnist_run
+    model.train()
+    res = evaluate(model, test)
+    assert set(res) == {"top1", "top5", "loss", "n"}
+    assert res["n"] == 500
+    assert 0 <= res["top1"] <= res["top5"] <= 100
+    assert res["top5"] > 90
+    assert res["loss"] > 0
+    assert model.training  # the mode is restored
+    # top1 recomputed by hand
+    x = torch.cat([b for b, _ in test])
+    y = torch.cat([b for _, b in test])
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1)
+    assert res["top1"] == 100.0 * int((pred == y).sum()) / 500
+
+
+def test_evaluate_on_dataset_name_uses_full_test_split(mnist_run):
+    model, _, _, _, _ = mnist_run
+    res = evaluate(model, "mnist")
+    assert res["n"] == 10_000
+    assert res["top1"] > 60.0
+
+
+class ConstantModel(nn.Module):
+    """Predicts the same logits for every input: class 3 first, then 1, 4, 5, 9, ..."""
+
+    def __init__(self):
+        super().__init__()
+        order = [3, 1, 4, 5, 9, 2, 6, 8, 7, 0]
+        logits = torch.zeros(10)
+        for rank, c in enumerate(order):
+            logits[c] = 10.0 - rank
+        self.logits = nn.Parameter(logits)
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+def test_evaluate_constant_prediction_gives_class_frequency(mnist):
+    _, test = mnist
+    loader = GpuLoader(test, 128, train=False)  # 4 batches, the last one partial
+    res = evaluate(ConstantModel(), loader)
+    y = test.labels
+    assert res["n"] == 500
+    assert res["top1"] == 100.0 * int((y == 3).sum()) / 500
+    assert res["top5"] == 100.0 * int(torch.isin(y, torch.tensor([3, 1, 4, 5, 9])).sum()) / 500
+    logp = F.log_softmax(ConstantModel().logits.detach(), 0)
+    assert res["loss"] == pytest.approx(float(-logp[y].mean()), rel=1e-6)
+    assert 0 < res["top1"] < res["top5"] < 100
+
+
+# -------------------------------------------------------------------------------------- callbacks
+
+class Counting(Callback):
+    def __init__(self):
+        self.calls = {"on_train_begin": 0, "before_epoch": 0, "after_step": 0, "after_epoch": 0}
+        self.steps_seen = []
+
+    def on_train_begin(self, state):
+        self.calls["on_train_begin"] += 1
+
+    def before_epoch(self, state):
+        self.calls["before_epoch"] += 1
+
+    def after_step(self, state):
+        self.calls["after_step"] += 1
+        self.steps_seen.append(state.step)
+
+    def after_epoch(self, state):
+        self.calls["after_epoch"] += 1
+        state.metrics["x"] = 10 * state.epoch + 0.5
+
+
+def test_callback_hooks_and_metrics_column(mnist):
+    train, test = loaders(mnist, n_train=512, bs=64)
+    cb = Counting()
+    _, hist = fit(small_mlp(), train, test, TrainConfig(epochs=2, lr=0.05), callbacks=[cb],
+                  device="cpu", progress=False)
+    assert len(train) == 8
+    assert cb.calls == {"on_train_begin": 1, "before_epoch": 2, "after_step": 16, "after_epoch": 2}
+    assert cb.steps_seen == list(range(1, 17))
+    assert list(hist.columns) == HISTORY_COLUMNS + ["x"]
+    assert hist["x"].tolist() == [10.5, 20.5]
+
+
+class ZeroOneWeight(Callback):
+    def after_step(self, state):
+        with torch.no_grad():
+            state.model.fc1.weight[5, 7] = 0.0
+
+
+def test_callback_can_keep_a_weight_at_zero(mnist):
+    train, test = loaders(mnist, n_train=512, bs=64)
+    model = small_mlp()
+    before = model.fc1.weight.detach().clone()
+    assert before[5, 7] != 0
+    model, _ = fit(model, train, test, TrainConfig(epochs=2, lr=0.05), callbacks=[ZeroOneWeight()],
+                   device="cpu", progress=False)
+    w = model.fc1.weight.detach()
+    assert w[5, 7] == 0.0
+    changed = (w != before)
+    changed[5, 7] = False
+    assert int(changed.sum()) > 0.9 * w.numel()  # everything else trained
+    # and without the callback that weight moves
+    model2, _ = fit(small_mlp(), train, test, TrainConfig(epochs=2, lr=0.05), device="cpu", progress=False)
+    assert model2.fc1.weight[5, 7] != 0
+
+
+# --------------------------------------------------------------------------------------- resuming
+
+def test_resume_from_checkpoint(mnist, tmp_path):
+    path = tmp_path / "run.pt"
+    train, test = loaders(mnist, n_train=512, bs=64)
+    cb1 = Counting()
+    _, hist2 = fit(small_mlp(seed=1), train, test, TrainConfig(epochs=2, lr=0.05, checkpoint_every=1),
+                   callbacks=[cb1], device="cpu", checkpoint_path=path, progress=False)
+    assert len(hist2) == 2 and path.is_file()
+    ck = checkpoints.load_checkpoint(path)
+    assert ck["epoch"] == 2 and ck["extra"]["step"] == 16
+    assert ck["arch"] == {"name": "mlp", "kwargs": {"hidden": [64, 32]}}
+
+    train, test = loaders(mnist, n_train=512, bs=64)
+    cb2 = Counting()
+    model4, hist4 = fit(small_mlp(seed=2), train, test,
+                        TrainConfig(epochs=4, lr=0.05, checkpoint_every=1), callbacks=[cb2],
+                        device="cpu", checkpoint_path=path, progress=False)
+    assert len(hist4) == 4
+    assert hist4["epoch"].tolist() == [1, 2, 3, 4]
+    pd.testing.assert_frame_equal(hist4.iloc[:2].reset_index(drop=True), hist2, check_exact=True)
+    # resumed: no new on_train_begin, only the two remaining epochs ran
+    assert cb2.calls["on_train_begin"] == 0
+    assert cb2.calls["after_epoch"] == 2
+    assert cb2.steps_seen == list(range(17, 33))
+    assert hist4["x"].tolist() == [10.5, 20.5, 30.5, 40.5]
+
+    ck = checkpoints.load_checkpoint(path, expected_arch="mlp")
+    assert ck["epoch"] == 4 and ck["extra"]["step"] == 32
+    assert len(ck["extra"]["history"]) == 4
+    sd = model4.state_dict()
+    assert list(ck["state_dict"]) == list(sd)
+    assert all(torch.equal(ck["state_dict"][k], sd[k]) for k in sd)
+    assert ck["optimizer"] is not None and ck["extra"]["config"]["epochs"] == 4
+
+    # a finished run resumes to a no-op that returns the saved model and history
+    model_again, hist_again = fit(small_mlp(seed=3), train, test,
+                                  TrainConfig(epochs=4, lr=0.05, checkpoint_every=1),
+                                  device="cpu", checkpoint_path=path, progress=False)
+    pd.testing.assert_frame_equal(hist_again, hist4, check_exact=True)
+    assert torch.equal(model_again.fc3.weight, model4.fc3.weight)
+
+
+def test_empty_loader_raises(mnist):
+    train, test = mnist
+    loader = GpuLoader(train.subset(100), 256, train=True)
+    assert len(loader) == 0
+    with pytest.raises(ValueError, match="no batch"):
+        fit(small_mlp(), loader, None, TrainConfig(epochs=1), device="cpu", progress=False)
+
+
+# --------------------------------------------------------------------------------- BN recalibration
+
+def test_recalibrate_bn_vgg16():
+    torch.manual_seed(0)
+    model = create_model("vgg16").eval()
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.zeros(16, dtype=torch.int64), "random")
+    loader = GpuLoader(split, 8, train=False)
+    bn = model.features[1]
+    with torch.no_grad():
+        bn.running_mean.fill_(7.0)  # stale statistics, to be replaced
+    out = recalibrate_bn(model, loader, batches=2)
+    assert out is model
+    assert not model.training  # mode restored
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(m.momentum == 0.1 for m in bns)
+    assert all(int(m.num_batches_tracked) == 2 for m in bns)
+    assert not torch.equal(bn.running_mean, torch.zeros(64))  # moved from the reset state
+    # momentum=None: the cumulative average of the two batch means of conv1's output
+    conv = model.features[0]
+    with torch.no_grad():
+        means = [conv(model.normalize(x)).mean((0, 2, 3)) for x, _ in loader]
+    torch.testing.assert_close(bn.running_mean, (means[0] + means[1]) / 2, rtol=1e-4, atol=1e-5)
+
+
+def test_recalibrate_bn_only_uses_requested_batches():
+    torch.manual_seed(0)
+    model = create_model("resnet56", widths=[4] * 27)
+    split = Split(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.zeros(40, dtype=torch.int64), "r")
+    recalibrate_bn(model, GpuLoader(split, 8, train=False), batches=3)
+    assert model.training
+    assert int(model.bn1.num_batches_tracked) == 3
+    mlp = create_model("mlp", hidden=(4, 4))
+    assert recalibrate_bn(mlp, GpuLoader(split, 8, train=False)) is mlp  # no BN: a no-op

@@ -230,10 +230,14 @@ def test_manifest_read_and_record(ckpt_dir, saved, tmp_path):
         ck.read_manifest()
 
 
-def test_real_manifest_parses_and_has_only_comments():
+def test_real_manifest_lists_the_dense_baselines():
+    import re
     from pathlib import Path
     real = Path(ck.__file__).resolve().parents[2] / "checkpoints" / "MANIFEST"
-    assert ck.read_manifest(real) == {}
+    entries = ck.read_manifest(real)
+    assert set(entries) == {"vgg16_cifar10_dense.pt", "resnet56_cifar10_dense.pt", "mlp_mnist_dense.pt"}
+    for sha, url in entries.values():
+        assert re.fullmatch(r"[0-9a-f]{64}", sha) and url == "-"
 
 
 def test_fetch_file_url(ckpt_dir, saved, tmp_path, monkeypatch):

@@ -129,12 +129,9 @@ def test_vgg16_pruned_widths():
         assert m.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, StopIteration, pytest.fail.Exception),
-                   reason="src bug: VGG.__init__ (models/vgg.py:20-25) never checks len(widths): 12 "
-                          "widths raise a bare StopIteration from next(it), 14 are silently accepted")
 @pytest.mark.parametrize("n", [12, 14])
 def test_vgg16_wrong_widths_length_raises_value_error(n):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="13 convs"):
         create_model("vgg16", widths=[16] * n)
 
 

@@ -327,3 +327,41 @@ def test_recalibrate_bn_only_uses_requested_batches():
     assert int(model.bn1.num_batches_tracked) == 3
     mlp = create_model("mlp", hidden=(4, 4))
     assert recalibrate_bn(mlp, GpuLoader(split, 8, train=False)) is mlp  # no BN: a no-op
+
+
+def test_resume_restores_loader_rng_and_before_epoch_metrics(tmp_path):
+    """A resumed run draws the same batches as an uninterrupted one, and columns a callback sets in
+    before_epoch reach the history."""
+    from elastictrain.data import GpuLoader, Split
+
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (256, 1, 28, 28), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (256,), generator=g), "tiny")
+
+    class Seen(Callback):
+        def __init__(self):
+            self.first = []
+
+        def before_epoch(self, state):
+            state.metrics["marker"] = 7.0
+
+    def run(epochs, path, seen):
+        loader = GpuLoader(split, 64, train=True, crop_pad=2, seed=3)
+        orig = loader._batch
+        loader._batch = lambda idx: (seen.first.append(idx.clone()), orig(idx))[1]
+        torch.manual_seed(0)
+        model = create_model("mlp", hidden=(8, 8))
+        return fit(model, loader, None, TrainConfig(epochs=epochs, lr=0.05, checkpoint_every=1),
+                   callbacks=[seen], checkpoint_path=path, progress=False)
+
+    straight = Seen()
+    run(3, None, straight)
+    cut = Seen()
+    run(2, tmp_path / "run.pt", cut)
+    resumed = Seen()
+    _, hist = run(3, tmp_path / "run.pt", resumed)
+    per_epoch = len(straight.first) // 3
+    assert len(resumed.first) == per_epoch
+    for a, b in zip(resumed.first, straight.first[2 * per_epoch:]):
+        assert torch.equal(a, b)
+    assert list(hist["marker"]) == [7.0, 7.0, 7.0]

@@ -175,7 +175,7 @@ def load_compressed(path) -> nn.Module:
 
 
 def byte_report(path) -> dict:
-    """Bytes of the file by what they hold; the values sum to the file size exactly."""
+    """Bytes of the file by what they hold; every entry but ``total`` sums to ``total``, the file size."""
     header, _, size = _read(path)
     report = {"header": size - header["payload_bytes"], "index": 0, "values": 0, "codebooks": 0,
               "weights": 0, "params": 0}

@@ -127,7 +127,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     model = prepare_model(model, device)
     state = TrainState(model, make_optimizer(model, config), config, device)
     if checkpoint_path and Path(checkpoint_path).exists():
-        _resume(state, checkpoint_path, callbacks)
+        _resume(state, checkpoint_path, callbacks, train_loader)
     else:
         for cb in callbacks:
             cb.on_train_begin(state)
@@ -139,9 +139,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
                disable=not progress, file=sys.stdout, mininterval=5.0, desc="epochs")
     for _ in bar:
+        state.metrics = {}
         for cb in callbacks:
             cb.before_epoch(state)
-        state.metrics = {}
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -180,7 +180,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
         state.history.append(row)
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("train_loss", "test_top1")})
         if checkpoint_path and (last or state.epoch % config.checkpoint_every == 0):
-            _save(state, checkpoint_path, callbacks)
+            _save(state, checkpoint_path, callbacks, train_loader)
     return state.model, pd.DataFrame(state.history)
 
 
@@ -202,13 +202,16 @@ class _Compiled:
         return self.fn
 
 
-def _save(state, path, callbacks):
+def _save(state, path, callbacks, loader):
+    # The loader's generator state makes a resumed run draw the shuffles and crops it would have
+    # drawn without the interruption, instead of replaying those of the first epochs.
+    rng = loader.generator.get_state() if hasattr(loader, "generator") else None
     checkpoints.save_checkpoint(path, state.model, epoch=state.epoch, optimizer=state.optimizer, extra={
         "step": state.step, "history": state.history, "config": _plain(asdict(state.config)),
-        "callbacks": [cb.state_dict() for cb in callbacks]})
+        "callbacks": [cb.state_dict() for cb in callbacks], "loader_rng": rng})
 
 
-def _resume(state, path, callbacks):
+def _resume(state, path, callbacks, loader):
     ckpt = checkpoints.load_checkpoint(path, expected_arch=state.model.arch["name"])
     state.model.load_state_dict(ckpt["state_dict"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
@@ -216,6 +219,8 @@ def _resume(state, path, callbacks):
     state.history = list(ckpt["extra"]["history"])
     for cb, d in zip(callbacks, ckpt["extra"]["callbacks"]):
         cb.load_state_dict(d)
+    if ckpt["extra"].get("loader_rng") is not None and hasattr(loader, "generator"):
+        loader.generator.set_state(ckpt["extra"]["loader_rng"])
 
 
 def _plain(d):
@@ -264,6 +269,7 @@ def recalibrate_bn(model: nn.Module, loader, batches: int = 50):
     if not bns:
         return model
     was_training = model.training
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the recalibration batches
@@ -274,7 +280,7 @@ def recalibrate_bn(model: nn.Module, loader, batches: int = 50):
             break
         with _autocast(dev):
             model(x.to(dev))
-    for m in bns:
-        m.momentum = 0.1
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
     model.train(was_training)
     return model

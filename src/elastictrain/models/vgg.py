@@ -16,6 +16,9 @@ class VGG(nn.Module):
     def __init__(self, widths, num_classes=10, in_channels=3, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                  init="elastictrain"):
         super().__init__()
+        n_convs = sum(v != "M" for v in VGG16_CFG)
+        if len(widths) != n_convs:
+            raise ValueError(f"widths has {len(widths)} entries, VGG16 has {n_convs} convs")
         self.normalize = Normalize(mean, std)
         layers, c_in, it = [], in_channels, iter(widths)
         for v in VGG16_CFG:

@@ -65,3 +65,21 @@ def training_curves(history: pd.DataFrame, title=""):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def kept_kernels(model, title="kept k×k kernels per layer"):
+    """Kernels with any non-zero weight over all kernels, per conv layer (kernel and pattern rows)."""
+    ws = {n: w for n, w in prunable_weights(model).items() if w.dim() == 4}
+    kept = [int(w.detach().flatten(2).ne(0).any(2).sum()) for w in ws.values()]
+    total = [w.shape[0] * w.shape[1] for w in ws.values()]
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    x = np.arange(len(ws))
+    ax.bar(x - 0.2, total, 0.4, label="all kernels", color="tab:gray")
+    ax.bar(x + 0.2, kept, 0.4, label="kept", color="tab:orange")
+    ax.set_xticks(x, [_short(n) for n in ws], rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

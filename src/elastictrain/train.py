@@ -30,6 +30,7 @@ class TrainConfig:
     decay_bn_and_bias: bool = True      # False: no weight decay on 1-D parameters (BN, biases)
     schedule: str = "onecycle"          # onecycle | cosine | step | constant
     warmup: float = 0.15                # fraction of steps spent warming up (onecycle, cosine)
+    hold: float = 0.0                   # fraction of steps then held at the peak before decaying
     milestones: tuple = ()              # epochs at which 'step' multiplies the lr by gamma
     gamma: float = 0.1
     label_smoothing: float = 0.0
@@ -41,9 +42,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("onecycle", "cosine", "step", "constant"):
             raise ValueError(f"schedule must be onecycle, cosine, step or constant, not {self.schedule!r}")
-        if self.epochs < 1 or self.lr <= 0 or not 0 <= self.warmup < 1:
-            raise ValueError(f"need epochs >= 1, lr > 0 and 0 <= warmup < 1 (got {self.epochs}, "
-                             f"{self.lr}, {self.warmup})")
+        if self.epochs < 1 or self.lr <= 0 or not 0 <= self.warmup or not self.warmup + self.hold < 1:
+            raise ValueError(f"need epochs >= 1, lr > 0 and 0 <= warmup, warmup + hold < 1 (got "
+                             f"{self.epochs}, {self.lr}, {self.warmup}, {self.hold})")
 
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
         total = self.epochs * steps_per_epoch
@@ -54,7 +55,9 @@ class TrainConfig:
             return self.lr
         if t < self.warmup:  # linear warm-up from lr/25, as torch's OneCycleLR does
             return self.lr * (0.04 + 0.96 * t / self.warmup)
-        u = (t - self.warmup) / (1 - self.warmup)
+        if t < self.warmup + self.hold:  # e.g. constant while a pruning ramp runs (spec §6)
+            return self.lr
+        u = (t - self.warmup - self.hold) / (1 - self.warmup - self.hold)
         return self.lr * (1 - u) if self.schedule == "onecycle" else self.lr * 0.5 * (1 + math.cos(math.pi * u))
 
 
@@ -244,6 +247,10 @@ def evaluate(model: nn.Module, data, *, amp: bool = False, device=None) -> dict:
     dev = next(model.parameters()).device
     n, top1, top5, loss = 0, 0, 0, 0.0
     ctx = _autocast(dev) if amp else torch.autocast(dev.type, enabled=False)
+    # Reported figures are float32 proper: cuDNN's TF32 convolutions would make a GPU measurement
+    # disagree with a CPU re-measurement of the same file on borderline images.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = amp and tf32[0]
     for x, y in data:
         x, y = x.to(dev), y.to(dev)
         with ctx:
@@ -254,6 +261,7 @@ def evaluate(model: nn.Module, data, *, amp: bool = False, device=None) -> dict:
         top1 += (pred[:, 0] == y).sum().item()
         top5 += (pred == y[:, None]).any(1).sum().item()
         n += len(y)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     model.train(was_training)
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "n": n}
 

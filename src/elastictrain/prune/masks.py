@@ -1,0 +1,148 @@
+"""Mask makers: which weights survive at a given density, under a mixture of constraints.
+
+Order of projections, coarse to fine (spec §5.7): items are either single weights (unstructured)
+or whole k×k kernels (kernel, pattern); LAMP ranks items of all layers on one scale and the global
+budget decides each layer's count (with floors, so no layer collapses at 1000×); a workload
+``balanced`` structure then splits each layer's count equally over its blocks; a pattern
+granularity finally keeps, inside each surviving kernel, the library pattern holding the most
+energy. Budgets are counted in weights: a kernel costs k·k, a pattern kernel costs its m entries.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .structure import Structure, as_4d_shape, blocks, unblocks
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    granularity: str = "unstructured"      # unstructured | kernel | pattern
+    balanced: Structure | None = None       # e.g. WORKLOAD: the same count in every block of a layer
+    allocation: str = "lamp"                # lamp (global, scale-free) | uniform
+    floors: bool = True                     # per-layer minimum counts (spec §5.2)
+
+    def __post_init__(self):
+        if self.granularity not in ("unstructured", "kernel", "pattern"):
+            raise ValueError(f"granularity must be unstructured, kernel or pattern, not {self.granularity!r}")
+        if self.allocation not in ("lamp", "uniform"):
+            raise ValueError(f"allocation must be lamp or uniform, not {self.allocation!r}")
+
+
+def lamp(scores: torch.Tensor) -> torch.Tensor:
+    """LAMP score of each entry: s_i / sum of the scores >= s_i in its layer (Lee et al. 2021).
+    Scale-free, so layers whose magnitudes differ (BN makes them arbitrary) rank on one axis."""
+    flat = scores.flatten()
+    s, order = flat.sort()
+    suffix = s.flip(0).cumsum(0).flip(0)
+    out = torch.empty_like(flat)
+    out[order] = s / suffix.clamp_min(torch.finfo(s.dtype).tiny)
+    return out.view_as(scores)
+
+
+def _floor(name: str, n_items: int, cost: int, first_conv: str, linear: bool) -> int:
+    """Minimum items kept: conv >= max(32 weights, 0.02%), conv1 >= 10%, the classifier >= 5%."""
+    frac = 0.10 if name == first_conv else 0.05 if linear else 0.0002
+    weights = max(32, frac * n_items * cost)
+    return min(n_items, max(1, -(-int(weights) // cost)))
+
+
+def allocate(scores: dict, costs: dict, budget: int, spec: PruneSpec, linear=frozenset()) -> dict[str, int]:
+    """Items kept per layer so that sum(count * cost) <= budget (in weights); ``linear`` names the
+    classifier-like layers (5% floor)."""
+    total = sum(s.numel() * costs[n] for n, s in scores.items())
+    if spec.allocation == "uniform":
+        return {n: max(1, int(s.numel() * budget / total)) for n, s in scores.items()}
+    names = list(scores)
+    floors = {n: _floor(n, s.numel(), costs[n], names[0], n in linear) if spec.floors else 1
+              for n, s in scores.items()}
+    need = sum(floors[n] * costs[n] for n in names)
+    if need > budget:
+        raise ValueError(f"a budget of {budget} weights cannot meet the per-layer floors ({need} weights); "
+                         "lower the compression ratio or set floors=False")
+    keys, item_costs, owners = [], [], []
+    for i, n in enumerate(names):
+        key = lamp(scores[n].float()).flatten()
+        top = key.topk(floors[n]).indices
+        key[top] = float("inf")  # floors first: the layer's strongest items always stay
+        keys.append(key)
+        item_costs.append(torch.full(key.shape, costs[n], dtype=torch.int64, device=key.device))
+        owners.append(torch.full(key.shape, i, dtype=torch.int64, device=key.device))
+    key, cost, owner = torch.cat(keys), torch.cat(item_costs), torch.cat(owners)
+    order = key.argsort(descending=True)
+    kept = order[cost[order].cumsum(0) <= budget]
+    counts = torch.bincount(owner[kept], minlength=len(names)).tolist()
+    return dict(zip(names, counts))
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries (ties broken by position, so exactly k)."""
+    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    flat[scores.flatten().topk(min(k, scores.numel())).indices] = True
+    return flat.view_as(scores)
+
+
+def balanced_topk_mask(scores: torch.Tensor, k: int, structure: Structure) -> torch.Tensor:
+    """Keep the same number q = k // G of entries in each of the G blocks of ``structure``."""
+    b = blocks(scores, structure)
+    g, size = b.shape
+    q = k // g
+    if q < 1:
+        raise ValueError(f"{k} kept entries cannot be balanced over {g} blocks of {tuple(scores.shape)} "
+                         "(fewer than one per block); lower the ratio or drop the balance constraint")
+    keep = torch.zeros_like(b, dtype=torch.bool)
+    keep.scatter_(1, b.topk(min(q, size), dim=1).indices, True)
+    return unblocks(keep, structure, scores.shape)
+
+
+def pattern_library(weights: dict, size: int = 8, entries: int = 4) -> torch.Tensor:
+    """Mine the ``size`` most frequent k×k supports: each 3×3 kernel votes for its centre plus its
+    ``entries``-1 largest other weights (PatDNN). Returns a bool [size, 9] library."""
+    votes = []
+    for w in weights.values():
+        if w.dim() != 4 or w.shape[2:] != (3, 3):
+            continue
+        e = w.detach().flatten(0, 1).flatten(1).abs().float()  # [kernels, 9]
+        e[:, 4] = float("inf")                                    # the centre is always kept
+        top = e.topk(entries, dim=1).indices
+        votes.append((torch.ones_like(top) << top).sum(1))       # support as a 9-bit code
+    codes, counts = torch.cat(votes).unique(return_counts=True)
+    best = codes[counts.argsort(descending=True)[:size]]
+    return ((best[:, None] >> torch.arange(9, device=best.device)) & 1).bool()
+
+
+def make_masks(weights: dict, density: float, spec: PruneSpec, library: torch.Tensor | None = None) -> dict:
+    """Masks (bool, shaped like each weight) keeping ``density`` of all the weights in ``weights``."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    budget = int(round(density * sum(w.numel() for w in weights.values())))
+    if spec.granularity == "pattern" and library is None:
+        raise ValueError("pattern granularity needs a pattern library (pattern_library(dense weights))")
+    scores, costs = {}, {}
+    for n, w in weights.items():
+        e = w.detach().float() ** 2
+        if spec.granularity == "unstructured" or w.dim() != 4:
+            scores[n], costs[n] = e, 1                                 # linear layers stay per weight
+        elif spec.granularity == "kernel":
+            scores[n], costs[n] = e.flatten(2).mean(2), w.shape[2] * w.shape[3]
+        else:
+            if w.shape[2:] != (3, 3):
+                raise ValueError(f"{n}: pattern pruning needs 3×3 kernels, got {tuple(w.shape)}")
+            energy = e.flatten(2) @ library.T.to(e)                    # [F, C, patterns]
+            scores[n], costs[n] = energy.max(2).values / library.sum(1).max(), int(library.sum(1).max())
+    counts = allocate(scores, costs, budget, spec, {n for n, w in weights.items() if w.dim() == 2})
+    masks = {}
+    for n, w in weights.items():
+        s = scores[n]
+        item_shape = as_4d_shape(s.shape) if s.dim() == 2 and w.dim() == 4 else s.shape
+        s4 = s.reshape(item_shape)
+        keep = (balanced_topk_mask(s4, counts[n], spec.balanced) if spec.balanced is not None
+                else topk_mask(s4, counts[n])).reshape(s.shape)
+        if s.dim() == w.dim():
+            masks[n] = keep
+        elif spec.granularity == "kernel":
+            masks[n] = keep[:, :, None, None].expand_as(w).clone()
+        else:
+            choice = (w.detach().float() ** 2).flatten(2) @ library.T.to(w.device, torch.float32)
+            shape = library.to(w.device)[choice.argmax(2)]             # [F, C, 9] best pattern
+            masks[n] = (shape & keep[:, :, None]).view_as(w)
+    return masks

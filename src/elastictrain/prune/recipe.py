@@ -1,0 +1,88 @@
+"""One ElasticTrain row end to end: dense (or a sparser row's) model → gradual pruning →
+fine-tuning → final-epoch float32 accuracy on the full test set → ``TrainedModels/<row>.etm``.
+
+Smoke mode runs the same code for a couple of steps on a subset (CPU is fine) and writes into a
+temporary folder: it never touches ``TrainedModels/`` or ``checkpoints/``.
+"""
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .. import baselines, checkpoints
+from ..data import make_loaders
+from ..evaluation import trained_models_dir
+from ..metrics import count_weights
+from ..storage import load_compressed, save_compressed
+from ..train import TrainConfig, default_device, evaluate, fit
+from .masks import PruneSpec
+from .schedule import MaskCallback
+
+
+@dataclass(frozen=True)
+class PruneRecipe:
+    row: str                        # rows.ROWS id; the model is shipped as TrainedModels/<row>.etm
+    spec: PruneSpec
+    ratio: float                    # paper-style target: conv+linear weights / non-zeros
+    ramp_epochs: int                # density falls from the start model's to 1/ratio over these
+    train: TrainConfig              # epochs = ramp + fine-tuning
+    base: str = "vgg16"             # a baselines.DENSE key, or a row id to continue from
+    batch_size: int = 512
+    pattern_size: int = 8
+    smoke_train_images: int = 256
+    smoke_test_images: int = 200
+
+    def smoke(self) -> "PruneRecipe":
+        return dataclasses.replace(self, ramp_epochs=1, batch_size=64, train=dataclasses.replace(
+            self.train, epochs=2, eval_every=0))
+
+
+@dataclass
+class RowResult:
+    model: torch.nn.Module
+    history: pd.DataFrame
+    accuracy: float
+    ratio: float
+    path: Path
+    base: dict
+
+
+def _start_model(recipe, smoke, device):
+    if recipe.base in baselines.DENSE:
+        dense = baselines.train_dense(baselines.DENSE[recipe.base], smoke=smoke, device=device, progress=False)
+        return dense.model, {"base": recipe.base, "base_sha256": dense.sha256,
+                             "base_accuracy": round(dense.accuracy, 2)}
+    path = trained_models_dir() / f"{recipe.base}.etm"
+    model = load_compressed(path)
+    return model, {"base": recipe.base, "base_sha256": checkpoints.sha256_file(path),
+                   "base_accuracy": model.meta.get("accuracy")}
+
+
+def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> RowResult:
+    device = torch.device(device or default_device())
+    if smoke:
+        recipe = recipe.smoke()
+    model, base = _start_model(recipe, smoke, device)
+    train_loader, test_loader = make_loaders(
+        "cifar10", batch_size=recipe.batch_size, seed=recipe.train.seed, device=device,
+        train_subset=recipe.smoke_train_images if smoke else None,
+        test_subset=recipe.smoke_test_images if smoke else None)
+    folder = Path(tempfile.mkdtemp(prefix=f"smoke-{recipe.row}-")) if smoke else trained_models_dir()
+    run_state = (folder if smoke else checkpoints.checkpoints_dir()) / f".{recipe.row}.run"
+    masks = MaskCallback(recipe.spec, 1 / recipe.ratio, recipe.ramp_epochs, pattern_size=recipe.pattern_size)
+    model, history = fit(model, train_loader, test_loader, recipe.train, callbacks=[masks], device=device,
+                         checkpoint_path=run_state, progress=progress)
+    accuracy = evaluate(model, test_loader)["top1"]
+    total, nonzero = count_weights(model)
+    meta = {"row": recipe.row, "dataset": "cifar10", "accuracy": round(accuracy, 2),
+            "test_images": len(test_loader.labels), "ratio": total / nonzero,
+            "granularity": recipe.spec.granularity, "balanced": recipe.spec.balanced is not None,
+            "epochs": len(history), "train_time_s": round(float(history["epoch_time_s"].sum()), 1),
+            "device": baselines.environment()["device"], "torch": torch.__version__, "smoke": smoke, **base}
+    path = folder / f"{recipe.row}.etm"
+    save_compressed(model.cpu(), path, meta)
+    run_state.unlink(missing_ok=True)
+    return RowResult(model, history, accuracy, total / nonzero, path, base)

@@ -7,6 +7,7 @@ budget decides each layer's count (with floors, so no layer collapses at 1000×)
 granularity finally keeps, inside each surviving kernel, the library pattern holding the most
 energy. Budgets are counted in weights: a kernel costs k·k, a pattern kernel costs its m entries.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,22 +44,31 @@ def _floor(name: str, n_items: int, cost: int, first_conv: str, linear: bool) ->
     """Minimum items kept: conv >= max(32 weights, 0.02%), conv1 >= 10%, the classifier >= 5%."""
     frac = 0.10 if name == first_conv else 0.05 if linear else 0.0002
     weights = max(32, frac * n_items * cost)
-    return min(n_items, max(1, -(-int(weights) // cost)))
+    return min(n_items, max(1, math.ceil(weights / cost)))
 
 
-def allocate(scores: dict, costs: dict, budget: int, spec: PruneSpec, linear=frozenset()) -> dict[str, int]:
+def allocate(scores: dict, costs: dict, budget: int, spec: PruneSpec, linear=frozenset(),
+             granules=None) -> dict[str, int]:
     """Items kept per layer so that sum(count * cost) <= budget (in weights); ``linear`` names the
-    classifier-like layers (5% floor)."""
+    classifier-like layers (5% floor). With ``granules`` (a balanced spec's block count per layer)
+    floors are rounded up to a multiple of it, so rounding a count down to whole blocks never
+    breaks a floor."""
     total = sum(s.numel() * costs[n] for n, s in scores.items())
     if spec.allocation == "uniform":
         return {n: max(1, int(s.numel() * budget / total)) for n, s in scores.items()}
     names = list(scores)
+    granules = granules or {}
     floors = {n: _floor(n, s.numel(), costs[n], names[0], n in linear) if spec.floors else 1
               for n, s in scores.items()}
+    floors = {n: min(scores[n].numel(), -(-f // granules.get(n, 1)) * granules.get(n, 1))
+              for n, f in floors.items()}
     need = sum(floors[n] * costs[n] for n in names)
     if need > budget:
-        raise ValueError(f"a budget of {budget} weights cannot meet the per-layer floors ({need} weights); "
-                         "lower the compression ratio or set floors=False")
+        why = ("the per-layer floors" if not granules else
+               "the per-layer floors, rounded up to whole balance blocks (a layer with fewer than one "
+               "per block cannot be balanced)")
+        raise ValueError(f"a budget of {budget} weights cannot meet {why} ({need} weights); "
+                         "lower the compression ratio, set floors=False or drop the balance constraint")
     keys, item_costs, owners = [], [], []
     for i, n in enumerate(names):
         key = lamp(scores[n].float()).flatten()
@@ -105,6 +115,8 @@ def pattern_library(weights: dict, size: int = 8, entries: int = 4) -> torch.Ten
         e[:, 4] = float("inf")                                    # the centre is always kept
         top = e.topk(entries, dim=1).indices
         votes.append((torch.ones_like(top) << top).sum(1))       # support as a 9-bit code
+    if not votes:
+        raise ValueError("pattern pruning needs 3×3 conv layers; this model has none")
     codes, counts = torch.cat(votes).unique(return_counts=True)
     best = codes[counts.argsort(descending=True)[:size]]
     return ((best[:, None] >> torch.arange(9, device=best.device)) & 1).bool()
@@ -129,7 +141,9 @@ def make_masks(weights: dict, density: float, spec: PruneSpec, library: torch.Te
                 raise ValueError(f"{n}: pattern pruning needs 3×3 kernels, got {tuple(w.shape)}")
             energy = e.flatten(2) @ library.T.to(e)                    # [F, C, patterns]
             scores[n], costs[n] = energy.max(2).values / library.sum(1).max(), int(library.sum(1).max())
-    counts = allocate(scores, costs, budget, spec, {n for n, w in weights.items() if w.dim() == 2})
+    granules = None if spec.balanced is None else {
+        n: spec.balanced.num_blocks(s.shape if s.dim() == 4 else as_4d_shape(s.shape)) for n, s in scores.items()}
+    counts = allocate(scores, costs, budget, spec, {n for n, w in weights.items() if w.dim() == 2}, granules)
     masks = {}
     for n, w in weights.items():
         s = scores[n]

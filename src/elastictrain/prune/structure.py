@@ -23,6 +23,10 @@ class Structure:
     row: int = ANY
     column: int = ANY
 
+    def __post_init__(self):
+        if any(not isinstance(g, int) or g < 1 for g in self.as_tuple()):
+            raise ValueError(f"each dimension takes EACH, ANY or a positive number of groups, got {self}")
+
     def groups(self, shape) -> tuple[int, int, int, int]:
         """Number of groups along each dimension of a 4-D ``shape``; refuses uneven splits."""
         out = []

@@ -44,7 +44,7 @@ def checkpoints_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "checkpoints"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """``write(file)`` to a temp file beside ``path``, fsync, rename over ``path``; any exception
     (even KeyboardInterrupt) leaves ``path`` as it was and removes the temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def save_checkpoint(path, model: nn.Module, *, epoch=None, optimizer=None, sched
                "scheduler": None if scheduler is None else _portable(scheduler.state_dict(),
                                                                      "scheduler"),
                "extra": _portable(dict(extra or {}), "extra")}
-    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+    atomic_write(Path(path), lambda f: torch.save(payload, f))
     return sha256_file(path)
 
 
@@ -279,7 +279,7 @@ def record_in_manifest(file_path, url="-", manifest=None, *, note=None) -> str:
         lines[at[0]] = entry
     else:
         lines.append(entry)
-    _atomic_write(manifest, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    atomic_write(manifest, lambda f: f.write(("\n".join(lines) + "\n").encode()))
     return digest
 
 
@@ -335,13 +335,13 @@ def fetch(name: str, *, dest_dir=None, url=None) -> Path:
             while chunk := r.read(_CHUNK):
                 h.update(chunk)
                 f.write(chunk)
-        if h.hexdigest() != listed_sha:  # raising here makes _atomic_write drop the temp file
+        if h.hexdigest() != listed_sha:  # raising here makes atomic_write drop the temp file
             raise CheckpointError(f"{target}: download from {url} has sha256 {h.hexdigest()}, "
                                   f"expected {listed_sha}; nothing was kept: check the URL/mirror "
                                   "and the MANIFEST entry")
 
     try:
-        _atomic_write(target, download)
+        atomic_write(target, download)
     except OSError as e:  # urllib.error.URLError is an OSError
         raise CheckpointError(f"{target}: could not download {url} ({e}); check the URL and "
                               "network, or set ELASTICTRAIN_CHECKPOINT_MIRROR") from e

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoints import atomic_write
 from .models import create_model
 from .models.common import prunable_weights
 
@@ -112,11 +113,7 @@ def save_compressed(model: nn.Module, path, meta: dict | None = None) -> int:
               "payload_crc32": zlib.crc32(payload), "tensors": entries}
     head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     data = _PREFIX.pack(MAGIC, VERSION, len(head)) + head + bytes(payload)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write(Path(path), lambda f: f.write(data))
     return len(data)
 
 

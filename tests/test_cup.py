@@ -1,0 +1,157 @@
+"""CUP: features, clustering, representatives and surgery, with exact numbers."""
+import numpy as np
+import pytest
+import torch
+from test_flops import resnet50_hand, resnet56_hand, vgg16_hand
+
+from elastictrain.cup import cluster_keep, cup_prune, features, find_t, pairs_for
+from elastictrain.flops import count_flops, count_params
+from elastictrain.models import create_model
+
+
+def test_cluster_keep_known_clusters_and_representatives():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    f = np.concatenate([c + 0.01 * rng.standard_normal((5, 2)) for c in centres])  # filters 0-4, 5-9, 10-14
+    keep = cluster_keep(f, t=1.0)
+    assert len(keep) == 3
+    norms = np.linalg.norm(f, axis=1)
+    expected = [g * 5 + int(np.argmax(norms[g * 5:(g + 1) * 5])) for g in range(3)]
+    assert keep.tolist() == sorted(expected)
+    assert len(cluster_keep(f, t=0.0)) == 15          # nothing identical: everything stays
+    assert len(cluster_keep(f, t=1e6)) == 1           # one cluster, never zero
+    assert cluster_keep(f, n_keep=3).tolist() == sorted(expected)   # manual mode, same clusters
+    assert len(cluster_keep(f[:1], t=5.0)) == 1
+    with pytest.raises(ValueError, match="exactly one"):
+        cluster_keep(f, t=1.0, n_keep=3)
+
+
+def test_representative_ties_take_lowest_index():
+    f = np.array([[1.0, 0.0], [0.0, 1.0], [50.0, 50.0]])  # 0 and 1: same norm, one cluster at t=2
+    assert cluster_keep(f, t=2.0).tolist() == [0, 2]
+
+
+def test_feature_layouts():
+    w = torch.randn(6, 4, 3, 3)
+    w_next = torch.randn(5, 6, 3, 3)
+    b = torch.randn(6)
+    f = features(w, b, w_next)
+    assert f.shape == (6, 4 + 5 + 1)
+    assert np.allclose(f[2, :4], w[2].flatten(1).norm(dim=1).numpy())     # incoming kernel norms
+    assert np.allclose(f[2, 4:9], w_next[:, 2].flatten(1).norm(dim=1).numpy())  # outgoing
+    assert f[2, 9] == pytest.approx(float(b[2]))
+    lin, lin_next = torch.randn(7, 3), torch.randn(2, 7)
+    g = features(lin, None, lin_next)                                      # raw signed weights
+    assert np.allclose(g, torch.cat([lin, lin_next.T], 1).numpy())
+    h = features(w, None, torch.randn(10, 6))                             # conv -> linear, fm = 1
+    assert (h[:, 4:] >= 0).all() and h.shape == (6, 14)
+
+
+def test_prunable_layers_per_model():
+    assert len(pairs_for(create_model("vgg16_cup"))) == 13
+    assert pairs_for(create_model("vgg16_cup"))[-1].next == "classifier"
+    assert len(pairs_for(create_model("resnet56"))) == 27
+    assert len(pairs_for(create_model("resnet18"))) == 8
+    assert len(pairs_for(create_model("resnet34"))) == 16
+    r50 = pairs_for(create_model("resnet50"))
+    assert len(r50) == 32 and r50[1].layer == "layer1.0.conv2" and r50[1].next == "layer1.0.conv3"
+    assert [p.layer for p in pairs_for(create_model("mlp"))] == ["fc1", "fc2"]
+
+
+@pytest.mark.parametrize("name, shape", [("vgg16_cup", (3, 32, 32)), ("resnet56", (3, 32, 32)),
+                                         ("mlp", (1, 28, 28))])
+def test_t_zero_changes_nothing(name, shape):
+    torch.manual_seed(0)
+    m = create_model(name).eval()
+    p, table = cup_prune(m, t=0.0)
+    assert (table["kept"] == table["original"]).all()
+    x = torch.rand(3, *shape)
+    with torch.no_grad():
+        assert torch.equal(p(x), m(x))
+
+
+def test_exact_duplicates_merge_and_output_is_unchanged():
+    """Filters 8g..8g+7 of the first conv are exact copies whose outgoing weights are all zero:
+    they cluster at any t > 0, one representative (the lowest index) stays, the output is unchanged."""
+    torch.manual_seed(0)
+    m = create_model("vgg16_cup").eval()
+    with torch.no_grad():
+        conv, bn, nxt = m.features[0], m.features[1], m.features[3]
+        for g in range(8):
+            s = slice(8 * g, 8 * g + 8)
+            conv.weight[s] = conv.weight[8 * g]
+            conv.bias[s] = conv.bias[8 * g]
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                t[s] = t[8 * g]
+        nxt.weight[:, :] *= (torch.arange(64) % 8 == 0).float()[None, :, None, None]
+        nxt.weight[:, ::8] = 0.0  # group representatives feed nothing either
+    p, table = cup_prune(m, t=1e-6)
+    assert table.loc[0, "kept"] == 8 and (table["kept"][1:] == table["original"][1:]).all()
+    assert p.features[0].out_channels == 8 and p.features[3].in_channels == 8
+    assert torch.equal(p.features[0].weight, m.features[0].weight[::8])
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(p(x), m(x), atol=1e-6)
+
+
+def test_slicing_is_consistent():
+    torch.manual_seed(0)
+    m = create_model("vgg16_cup")
+    p, table = cup_prune(m, t=0.4)
+    assert table["kept"].min() >= 1 and table["kept"].lt(table["original"]).any()
+    widths = p.arch["kwargs"]["widths"]
+    assert widths == table["kept"].tolist()
+    assert count_flops(p) == vgg16_hand(widths)
+    assert p.classifier.in_features == widths[-1]
+    assert m.arch["kwargs"] == {} and m.features[0].out_channels == 64   # the original is untouched
+
+
+def test_huge_t_keeps_one_filter_per_layer():
+    for name, shape in [("vgg16_cup", (3, 32, 32)), ("resnet56", (3, 32, 32))]:
+        p, table = cup_prune(create_model(name), t=1e9)
+        assert (table["kept"] == 1).all()
+        assert p.eval()(torch.rand(2, *shape)).shape == (2, 10)
+
+
+def test_resnet_pruning_keeps_residual_shapes_and_hand_flops():
+    torch.manual_seed(0)
+    m = create_model("resnet56")
+    p, _ = cup_prune(m, t=1.2)
+    assert count_flops(p) == resnet56_hand(p.arch["kwargs"]["widths"])
+    for blk_p, blk_m in zip(p.layer3, m.layer3):
+        assert blk_p.conv2.out_channels == blk_m.conv2.out_channels == 64
+    m50 = create_model("resnet50")
+    p50, t50 = cup_prune(m50, t=2.0)
+    assert t50["kept"].lt(t50["original"]).any()
+    widths = p50.arch["kwargs"]["widths"]
+    assert count_flops(p50) == resnet50_hand([tuple(w) for w in widths])
+    assert p50.layer4[0].conv3.out_channels == 2048 and p50.layer4[0].downsample[0].out_channels == 2048
+    assert p50.eval()(torch.rand(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_mnist_manual_mode_matches_the_paper_counts():
+    m = create_model("mlp")
+    p, _ = cup_prune(m, keep={"fc1": 100, "fc2": 60})
+    assert count_params(p) == 85_170 and count_flops(p) == 170_330   # cup.md §2.3
+    assert count_flops(m) / count_flops(p) == pytest.approx(6.41, abs=0.005)
+
+
+def test_bias_slicing_and_the_faithful_bug():
+    torch.manual_seed(0)
+    m = create_model("mlp")
+    p, _ = cup_prune(m, keep={"fc1": 100, "fc2": 60})
+    kept = [int(i) for i in range(500) if any(torch.equal(m.fc1.weight[i], r) for r in p.fc1.weight[:3])]
+    assert torch.equal(p.fc1.bias[:3], m.fc1.bias[kept])
+    q, _ = cup_prune(m, keep={"fc1": 100, "fc2": 60}, faithful_bias_bug=True)
+    assert torch.equal(q.fc1.weight, p.fc1.weight) and not torch.equal(q.fc1.bias, p.fc1.bias)
+
+
+def test_find_t_reaches_the_target_fr():
+    torch.manual_seed(0)
+    m = create_model("resnet56")
+    t, fr = find_t(m, 2.0, t_max=5.0, iters=20)
+    assert fr >= 2.0
+    base = count_flops(m)
+    assert base / count_flops(cup_prune(m, t=t * 0.98)[0]) <= fr
+    with pytest.raises(ValueError, match="raise t_max"):
+        find_t(m, 1e6, t_max=0.5, iters=2)

@@ -155,3 +155,58 @@ def test_find_t_reaches_the_target_fr():
     assert base / count_flops(cup_prune(m, t=t * 0.98)[0]) <= fr
     with pytest.raises(ValueError, match="raise t_max"):
         find_t(m, 1e6, t_max=0.5, iters=2)
+
+
+def _tiny_mnist(n=512):
+    from elastictrain.data import GpuLoader, Split
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (n,), generator=g), "tiny")
+    return GpuLoader(split, 64, train=True, seed=0)
+
+
+def _fit_ss(epochs, path=None, seen=None):
+    from elastictrain.cup import CupSS
+    from elastictrain.train import Callback, TrainConfig, fit
+
+    class Watch(Callback):
+        def after_epoch(self, state):
+            if seen is not None:
+                seen.append((state.epoch, id(state.optimizer), tuple(state.model.arch["kwargs"].get("hidden", ()))))
+
+    torch.manual_seed(0)
+    ss = CupSS(k=0.5, b=0.0, offset=1, max_params=100_000)
+    cfg = TrainConfig(epochs=epochs, lr=0.05, nesterov=False, weight_decay=1e-4, schedule="step",
+                      milestones=(80, 120), checkpoint_every=1)
+    model, hist = fit(create_model("mlp"), _tiny_mnist(), None, cfg, callbacks=[ss, Watch()],
+                      checkpoint_path=path, progress=False)
+    return model, hist, ss
+
+
+def test_cup_ss_prunes_during_training_until_the_budget():
+    seen = []
+    model, hist, ss = _fit_ss(6, seen=seen)
+    assert list(hist["t"].dropna()) == [0.5 * (e - 1) for e in range(1, ss.stopped_at + 1)]
+    assert ss.stopped_at is not None and hist["params"].iloc[-1] <= 100_000
+    assert hist["params"].is_monotonic_decreasing
+    assert hist["params"].iloc[ss.stopped_at - 1] == hist["params"].iloc[-1]   # frozen after the stop
+    assert count_params(model) == hist["params"].iloc[-1]
+    assert model.arch["kwargs"]["hidden"][0] < 500
+    # a brand-new optimiser at every pruning epoch, the same one afterwards (quirk Q11)
+    opt_ids = [o for _, o, _ in seen]
+    assert len(set(opt_ids[:ss.stopped_at])) == ss.stopped_at
+    assert len(set(opt_ids[ss.stopped_at - 1:])) == 1
+
+
+def test_cup_ss_resumes_with_the_pruned_architecture(tmp_path):
+    straight, h1, _ = _fit_ss(5)
+    _fit_ss(3, tmp_path / "run.pt")
+    resumed, h2, _ = _fit_ss(5, tmp_path / "run.pt")
+    assert resumed.arch == straight.arch
+    assert list(h2["params"]) == list(h1["params"])
+
+
+def test_cup_ss_needs_one_budget():
+    from elastictrain.cup import CupSS
+    with pytest.raises(ValueError, match="exactly one budget"):
+        CupSS(0.02)

@@ -5,6 +5,7 @@ large batches. The learning rate is a pure function of the step, so resuming nee
 state and a callback may swap the model or optimiser mid-run (CUP-SS rebuilds both when it prunes).
 Pruning masks, quantizers and CUP-SS hook in through ``Callback``.
 """
+import json
 import math
 import sys
 import time
@@ -216,6 +217,10 @@ def _save(state, path, callbacks, loader):
 
 def _resume(state, path, callbacks, loader):
     ckpt = checkpoints.load_checkpoint(path, expected_arch=state.model.arch["name"])
+    if json.dumps(ckpt["arch"]) != json.dumps(state.model.arch):  # a callback changed it (CUP-SS)
+        from .models import create_model
+        state.model = prepare_model(create_model(ckpt["arch"]["name"], **ckpt["arch"]["kwargs"]), state.device)
+        state.rebuild_optimizer()
     state.model.load_state_dict(ckpt["state_dict"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.epoch, state.step = ckpt["epoch"], ckpt["extra"]["step"]

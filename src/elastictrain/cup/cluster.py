@@ -46,12 +46,12 @@ def pairs_for(model) -> list[Pair]:
 
 def features(w: torch.Tensor, b: torch.Tensor | None, w_next: torch.Tensor) -> np.ndarray:
     """Feature matrix [n_filters, d] of layer l from its weight, optional bias and the next weight."""
-    w, w_next = w.detach().float(), w_next.detach().float()
+    w, w_next = w.detach().float().cpu(), w_next.detach().float().cpu()
     incoming = w.flatten(2).norm(dim=2) if w.dim() == 4 else w                 # [n, C_in]
     outgoing = (w_next.flatten(2).norm(dim=2) if w_next.dim() == 4 else w_next).T  # [n, C_out(l+1)]
     if w.dim() == 4 and w_next.dim() == 2:
         outgoing = outgoing.abs()  # conv→linear with fm = 1: the per-neuron L2 norm of one weight
-    parts = [incoming, outgoing] + ([b.detach().float()[:, None]] if b is not None else [])
+    parts = [incoming, outgoing] + ([b.detach().float().cpu()[:, None]] if b is not None else [])
     return torch.cat(parts, 1).double().numpy()
 
 

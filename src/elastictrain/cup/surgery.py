@@ -44,7 +44,7 @@ def cup_prune(model, *, t: float | None = None, keep: dict | None = None, use_bi
         bias = state.get(f"{p.layer}.bias")
         f = features(w, bias if use_bias else None, w_next)
         k = cluster_keep(f, t=t, n_keep=None if keep is None else keep[p.layer])
-        idx = torch.from_numpy(k)
+        idx = torch.from_numpy(k).to(w.device)
         state[f"{p.layer}.weight"] = w[idx]
         if bias is not None:
             state[f"{p.layer}.bias"] = bias[idx] if use_bias or not faithful_bias_bug else _fresh_bias(w[idx])

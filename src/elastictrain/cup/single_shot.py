@@ -1,0 +1,43 @@
+"""CUP-SS (CUP-RF in the BigData 2021 version): prune during the first training run (cup.md §1.11).
+
+At the start of every epoch e (1-indexed) while pruning is on: t_e = k·(e − offset) + b, a full CUP
+pass at t_e on the current weights, then a brand-new optimiser (momentum reset, even when nothing
+changed: quirk Q11). Once the model is within budget (params or FLOPs, checked after each pass,
+so the last step may overshoot: Q13), pruning stops for good and training simply continues.
+"""
+from ..flops import count_flops, count_params
+from ..train import Callback, prepare_model
+from .surgery import cup_prune
+
+
+class CupSS(Callback):
+    def __init__(self, k: float, *, b: float = 0.0, offset: int = 1, max_params: int | None = None,
+                 max_flops: int | None = None, use_bias: bool | None = None):
+        if (max_params is None) == (max_flops is None):
+            raise ValueError("give exactly one budget: max_params (VGG16 0.90M) or max_flops (ResNet-56 0.12G)")
+        self.k, self.b, self.offset = k, b, offset
+        self.max_params, self.max_flops, self.use_bias = max_params, max_flops, use_bias
+        self.active, self.stopped_at = True, None
+
+    def t_at(self, epoch: int) -> float:
+        return self.k * (epoch - self.offset) + self.b
+
+    def before_epoch(self, state):
+        e = state.epoch + 1
+        if self.active:
+            t = self.t_at(e)
+            pruned, _ = cup_prune(state.model, t=t, use_bias=self.use_bias)
+            state.model = prepare_model(pruned.train(), state.device)
+            state.rebuild_optimizer()
+            state.metrics["t"] = t
+            params, flops = count_params(state.model), count_flops(state.model)
+            if (params <= self.max_params) if self.max_params is not None else (flops <= self.max_flops):
+                self.active, self.stopped_at = False, e
+        state.metrics["params"] = count_params(state.model)
+        state.metrics["flops"] = count_flops(state.model)
+
+    def state_dict(self):
+        return {"active": self.active, "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, d):
+        self.active, self.stopped_at = d["active"], d["stopped_at"]

@@ -7,7 +7,8 @@ tensor, its encoding and byte sections. Nothing is unpickled on load.
 
 Sparse weights store non-zero positions as gaps, Rice-coded with the unary and the fixed-width
 parts in two separate bit streams (both then decode with vectorised numpy, no Python loop), and the
-non-zero values in fp32, so ``load_compressed`` rebuilds the trained weights bit for bit. A bitmap
+non-zero values in fp32, or, for a quantized model, as ``bits``-bit codes into fp32 codebooks (one
+per group of a ``Structure``), so ``load_compressed`` rebuilds the trained weights bit for bit. A bitmap
 index would cost 1 bit per weight (1.84 MB for VGG16) and cap every model near 32×; gap coding
 costs ~log2(1/density)+1.5 bits per non-zero (spec §5.11).
 """
@@ -23,6 +24,7 @@ import torch.nn as nn
 from .checkpoints import atomic_write
 from .models import create_model
 from .models.common import prunable_weights
+from .prune.structure import Structure, block_ids
 
 MAGIC, VERSION = b"ETCM", 1
 _PREFIX = struct.Struct("<4sBI")
@@ -76,10 +78,36 @@ def decode_positions(info: dict, unary: bytes, remainder: bytes, nnz: int) -> np
     return np.cumsum(gaps + 1) - 1
 
 
-def _encode_tensor(name, t, sparse_ok):
+def _encode_codebook(entry, t, quant):
+    """Positions as for sparse weights, then ``bits``-bit codes into per-group codebooks [G, K]."""
+    flat = t.flatten().numpy()
+    pos = np.flatnonzero(flat)
+    groups = block_ids(tuple(t.shape), quant.structure).flatten().numpy()[pos]
+    n_groups, k = quant.structure.num_blocks(tuple(t.shape)), quant.levels
+    book = np.zeros((n_groups, k), dtype="<f4")
+    codes = np.zeros(len(pos), dtype=np.int64)
+    for g in np.unique(groups):
+        sel = groups == g
+        values = np.unique(flat[pos][sel])
+        if len(values) > k:
+            raise StorageError(f"{entry['name']}: a codebook group holds {len(values)} distinct non-zero values, "
+                               f"more than {k} ({quant.bits} bits); quantize the model first")
+        book[g, :len(values)] = values
+        book[g, len(values):] = values[0]
+        codes[sel] = np.searchsorted(values, flat[pos][sel])
+    info, unary, rem = encode_positions(pos)
+    entry.update(enc="codebook", nnz=len(pos), bits=quant.bits, structure=list(quant.structure.as_tuple()),
+                 groups=n_groups, **info)
+    return entry, [("index", unary), ("index", rem), ("values", pack_bits(codes, quant.bits)),
+                   ("codebooks", book.tobytes())]
+
+
+def _encode_tensor(name, t, sparse_ok, quant=None):
     t = t.detach().cpu().contiguous()
     dense = t.numpy().tobytes()
     entry = {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    if sparse_ok and quant is not None:
+        return _encode_codebook(entry, t, quant)
     if sparse_ok and t.dtype == torch.float32:
         flat = t.flatten().numpy()
         pos = np.flatnonzero(flat)
@@ -92,16 +120,22 @@ def _encode_tensor(name, t, sparse_ok):
     return entry, [("weights" if sparse_ok else "params", dense)]
 
 
-def save_compressed(model: nn.Module, path, meta: dict | None = None) -> int:
-    """Write ``model`` as an ``.etm`` file (atomically) and return its size in bytes."""
+def save_compressed(model: nn.Module, path, meta: dict | None = None, quant=None) -> int:
+    """Write ``model`` as an ``.etm`` file (atomically) and return its size in bytes.
+
+    ``quant`` (a ``quant.QuantSpec``) stores every conv/linear weight as ``bits``-bit codes into
+    per-group codebooks; each group must already hold at most 2^bits distinct non-zero values.
+    """
     if not hasattr(model, "arch"):
         raise ValueError("the model has no .arch: build it with elastictrain.models.create_model")
+    if any(".parametrizations." in k for k in model.state_dict()):
+        raise ValueError("the model still has shared-weight parametrizations: call quant.bake_(model) first")
     weights = set(prunable_weights(model))
     entries, payload, offset = [], bytearray(), 0
     for name, t in model.state_dict().items():
         if name.endswith("num_batches_tracked"):
             continue  # a training counter, irrelevant for inference
-        entry, sections = _encode_tensor(name, t, name in weights)
+        entry, sections = _encode_tensor(name, t, name in weights, quant)
         entry["sections"] = []
         for kind, blob in sections:
             entry["sections"].append([kind, offset, len(blob)])
@@ -152,7 +186,12 @@ def _decode_tensor(entry, payload):
         return torch.frombuffer(bytearray(blobs[0]), dtype=dtype).reshape(shape).clone()
     pos = decode_positions(entry, blobs[0], blobs[1], entry["nnz"])
     flat = np.zeros(int(np.prod(shape)), dtype=np.float32)
-    flat[pos] = np.frombuffer(blobs[2], dtype="<f4")
+    if entry["enc"] == "codebook":
+        book = np.frombuffer(blobs[3], dtype="<f4").reshape(entry["groups"], -1)
+        groups = block_ids(tuple(shape), Structure(*entry["structure"])).flatten().numpy()[pos]
+        flat[pos] = book[groups, unpack_bits(blobs[2], entry["bits"], entry["nnz"])]
+    else:
+        flat[pos] = np.frombuffer(blobs[2], dtype="<f4")
     return torch.from_numpy(flat).reshape(shape)
 
 

@@ -7,7 +7,7 @@
 Both time one full epoch over the 50k training images after a warm-up epoch (cuDNN autotuning
 and worker start-up excluded), and report images/s. Measured: see README (GPU kind stated there).
 
-    python benchmarks/train_throughput.py [--model vgg16] [--synthetic]
+    python benchmarks/train_throughput.py [--model vgg16] [--synthetic] [--mask-density 0.02]
 
 --synthetic replaces CIFAR-10 by random uint8 images of the same shape (timing does not depend on
 pixel values); it skips (a), which needs the real files.
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from elastictrain.data import GpuLoader, Split, data_root, load_split
 from elastictrain.models import create_model
+from elastictrain.prune import MaskCallback, PruneSpec
 from elastictrain.train import TrainConfig, fit
 
 
@@ -48,10 +49,13 @@ def dataloader_images_per_s(model_name, root, batch=128, workers=4):
     return n / times[-1]
 
 
-def trainer_images_per_s(model_name, split, batch=512, compile=None):
+def trainer_images_per_s(model_name, split, batch=512, compile=None, mask_density=None):
     loader = GpuLoader(split, batch, train=True, crop_pad=4, flip=True, device="cuda")
     cfg = TrainConfig(epochs=2, lr=0.05, eval_every=0, compile=compile)
-    _, hist = fit(create_model(model_name), loader, None, cfg, device="cuda", progress=False)
+    # Masks are set once before epoch 1 (a one-epoch ramp), so epoch 2 times only their enforcement
+    # after every step, the cost that must stay under ~10% of a step.
+    callbacks = [MaskCallback(PruneSpec(), mask_density, ramp_epochs=1)] if mask_density else []
+    _, hist = fit(create_model(model_name), loader, None, cfg, callbacks=callbacks, device="cuda", progress=False)
     return len(loader) * batch / hist["epoch_time_s"].iloc[-1]
 
 
@@ -62,6 +66,8 @@ def main():
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--compile", nargs="+", default=[None], type=lambda s: None if s == "none" else s,
                    help="torch.compile modes to time for our trainer ('none' = eager)")
+    p.add_argument("--mask-density", type=float, default=None,
+                   help="also time our trainer with unstructured masks at this density enforced every step")
     args = p.parse_args()
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
@@ -81,6 +87,10 @@ def main():
                 ratio = f", {ours / base:.1f}x (a)" if base else ""
                 print(f"{name}: (b) elastictrain fit bs{b} bf16 channels_last compile={mode}: "
                       f"{ours:,.0f} images/s{ratio}", flush=True)
+                if args.mask_density:
+                    masked = trainer_images_per_s(name, split, b, mode, args.mask_density)
+                    print(f"{name}:     with masks at density {args.mask_density}: {masked:,.0f} images/s, "
+                          f"step {100 * (ours / masked - 1):+.1f}% vs unmasked", flush=True)
 
 
 if __name__ == "__main__":

@@ -193,7 +193,9 @@ def test_cli_table_json_with_one_model(c1_dir, tmp_path):
     total, nonzero = count_weights(model)
     assert (row["weights"], row["nonzeros"]) == (total, nonzero) == (784 * 16 + 16 * 8 + 8 * 10,
                                                                         total - 16 * 392)
-    assert row["compression"] == pytest.approx(total / nonzero)
+    # C1 is a CUP row: its compression is the FLOPs reduction against the unpruned 784-500-300-10 MLP
+    assert row["compression_kind"] == "FR"
+    assert row["compression"] == pytest.approx(1_091_610 / (2 * 784 * 16 + 16 + 2 * 16 * 8 + 8 + 2 * 8 * 10 + 10 + 16 + 8))
     assert row["dense_fp32_bytes"] == 4 * total
 
 

@@ -6,10 +6,9 @@ and the file's bytes, never taken from what the training run recorded.
 """
 from pathlib import Path
 
-import torch
-
 from .flops import count_flops, count_params
 from .metrics import count_weights, dense_fp32_bytes, paper_compression
+from .models import create_model
 from .rows import ROWS
 from .storage import load_compressed
 from .train import evaluate
@@ -34,10 +33,9 @@ def measure(path, device="cpu", dataset=None) -> dict:
     meta = getattr(model, "meta", {})
     bits = int(meta.get("bits", 32))
     dataset = dataset or (row.dataset if row else meta.get("dataset", "cifar10"))
-    with torch.autocast(torch.device(device).type, enabled=False):
-        acc = evaluate(model, dataset, device=device)
+    acc = evaluate(model, dataset, device=device)  # float32: amp is off unless asked for
     total, nonzero = count_weights(model)
-    size = path.stat().st_size
+    size, dense = path.stat().st_size, dense_fp32_bytes(model)
     out = {
         "row": path.stem, "file": str(path.name), "notebook": row.notebook if row else None,
         "description": row.description if row else meta.get("description"),
@@ -47,13 +45,13 @@ def measure(path, device="cpu", dataset=None) -> dict:
         "accuracy": round(acc["top1"], 2), "top5": round(acc["top5"], 2), "test_images": acc["n"],
         "weights": total, "nonzeros": nonzero, "bits": bits,
         "compression": paper_compression(model, bits), "file_bytes": size,
-        "dense_fp32_bytes": dense_fp32_bytes(model), "honest_compression": dense_fp32_bytes(model) / size,
+        "dense_fp32_bytes": dense, "honest_compression": dense / size,
         "flops": count_flops(model), "flops_nonzero": count_flops(model, nonzero_only=True),
         "params": count_params(model),
         "recorded_accuracy": meta.get("accuracy"),
     }
-    if out["compression_kind"] == "FR" and "base_flops" in meta:
-        out["compression"] = meta["base_flops"] / out["flops"]  # CUP rows: FLOPs reduction
+    if out["compression_kind"] == "FR":  # CUP rows: FLOPs reduction against the unpruned architecture
+        out["compression"] = count_flops(create_model(model.arch["name"])) / out["flops"]
     return out
 
 

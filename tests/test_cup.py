@@ -210,3 +210,58 @@ def test_cup_ss_needs_one_budget():
     from elastictrain.cup import CupSS
     with pytest.raises(ValueError, match="exactly one budget"):
         CupSS(0.02)
+
+
+def test_rank_prune_keeps_the_largest_norms_or_a_seeded_random_set():
+    from elastictrain.cup import rank_prune
+    torch.manual_seed(0)
+    m = create_model("mlp")
+    keep = {"fc1": 100, "fc2": 60}
+    rows = torch.cat([m.fc1.weight, m.fc1.bias[:, None]], 1)
+    for crit, p in (("l1", 1), ("l2", 2)):
+        pruned, table = rank_prune(m, keep, crit)
+        assert table["kept"].tolist() == [100, 60]
+        expected = rows.norm(p=p, dim=1).argsort(descending=True)[:100].sort().values
+        assert torch.equal(pruned.fc1.weight, m.fc1.weight[expected])
+        assert pruned.fc2.weight.shape == (60, 100)
+    a = rank_prune(m, keep, "random", seed=1)[0]
+    b = rank_prune(m, keep, "random", seed=1)[0]
+    c = rank_prune(m, keep, "random", seed=2)[0]
+    assert torch.equal(a.fc1.weight, b.fc1.weight) and not torch.equal(a.fc1.weight, c.fc1.weight)
+    with pytest.raises(ValueError, match="criterion"):
+        rank_prune(m, keep, "l3")
+
+
+def test_mnist_comparison_smoke_never_touches_trained_models():
+    from elastictrain.cup.recipe import mnist_comparison
+    from elastictrain.data import DatasetMissingError
+    from elastictrain.evaluation import trained_models_dir
+    from elastictrain.storage import read_header
+    before = sorted(p.name for p in trained_models_dir().iterdir())
+    try:
+        table, models, path = mnist_comparison({"fc1": 100, "fc2": 60}, smoke=True, progress=False)
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+    assert sorted(p.name for p in trained_models_dir().iterdir()) == before
+    assert trained_models_dir() not in path.parents
+    assert table["method"].tolist() == ["dense", "CUP", "random", "L2", "L1", "CUP, original's bias bug (Q1)"]
+    assert table["FR"][1:].round(4).eq(round(1_091_610 / 170_330, 4)).all()
+    assert table["params"][1:].eq(85_170).all()
+    meta = read_header(path)["meta"]
+    assert meta["smoke"] is True and meta["ratio"] == pytest.approx(1_091_610 / 170_330)
+    assert set(models) == {"dense", "CUP", "random", "L2", "L1"}
+
+
+def test_latency_and_cup_plots():
+    from elastictrain.metrics import latency_ms
+    from elastictrain.plots import dendrogram, kept_filters
+    import pandas as pd
+    m = create_model("mlp")
+    assert latency_ms(m, (1, 28, 28), batch=2, reps=3) > 0
+    fig = kept_filters(pd.DataFrame({"layer": ["a", "b"], "original": [10, 8], "kept": [3, 8]}))
+    assert len(fig.axes) == 1 and len(fig.axes[0].patches) == 4
+    f = features(m.fc2.weight, None, m.fc3.weight)
+    fig = dendrogram(f, n_keep=60)
+    cut = fig.axes[0].lines[-1].get_ydata()[0]
+    from scipy.cluster.hierarchy import fcluster, linkage
+    assert len(np.unique(fcluster(linkage(f, "ward"), cut, "distance"))) == 60   # the drawn cut leaves 60

@@ -196,7 +196,8 @@ def test_cli_table_json_with_one_model(c1_dir, tmp_path):
     # C1 is a CUP row: its compression is the FLOPs reduction against the unpruned 784-500-300-10 MLP
     assert row["compression_kind"] == "FR"
     assert row["compression"] == pytest.approx(1_091_610 / (2 * 784 * 16 + 16 + 2 * 16 * 8 + 8 + 2 * 8 * 10 + 10 + 16 + 8))
-    assert row["dense_fp32_bytes"] == 4 * total
+    assert row["dense_fp32_bytes"] == 4 * 545_000   # the unpruned 784-500-300-10 MLP's weights in fp32
+    assert (row["base_flops"], row["base_params"]) == (1_091_610, 545_810)
 
 
 def test_cli_human_table(c1_dir, capsys):

@@ -35,7 +35,10 @@ def measure(path, device="cpu", dataset=None) -> dict:
     dataset = dataset or (row.dataset if row else meta.get("dataset", "cifar10"))
     acc = evaluate(model, dataset, device=device)  # float32: amp is off unless asked for
     total, nonzero = count_weights(model)
-    size, dense = path.stat().st_size, dense_fp32_bytes(model)
+    # The reference is the unpruned architecture: the same tensors for a masked model, the full
+    # widths for one CUP shrank physically.
+    unpruned = create_model(model.arch["name"])
+    size, dense = path.stat().st_size, dense_fp32_bytes(unpruned)
     out = {
         "row": path.stem, "file": str(path.name), "notebook": row.notebook if row else None,
         "description": row.description if row else meta.get("description"),
@@ -47,11 +50,11 @@ def measure(path, device="cpu", dataset=None) -> dict:
         "compression": paper_compression(model, bits), "file_bytes": size,
         "dense_fp32_bytes": dense, "honest_compression": dense / size,
         "flops": count_flops(model), "flops_nonzero": count_flops(model, nonzero_only=True),
-        "params": count_params(model),
+        "params": count_params(model), "base_flops": count_flops(unpruned), "base_params": count_params(unpruned),
         "recorded_accuracy": meta.get("accuracy"),
     }
     if out["compression_kind"] == "FR":  # CUP rows: FLOPs reduction against the unpruned architecture
-        out["compression"] = count_flops(create_model(model.arch["name"])) / out["flops"]
+        out["compression"] = out["base_flops"] / out["flops"]
     return out
 
 
@@ -88,10 +91,30 @@ def shipped_summary(result: dict) -> str:
         f"  accuracy   paper {pa:>8}   ours {result['recorded_accuracy']:.2f}% (final epoch, float32, "
         f"{result['test_images']} test images; re-measured from the file on the CPU: "
         f"{'agrees' if agrees(result) else 'DISAGREES'} within {AGREEMENT})",
-        f"  paper-style compression   paper {pc:>8}   ours {result['compression']:.2f}× "
-        f"({result['weights']:,} weights / {result['nonzeros']:,} non-zeros, {result['bits']} bits)",
+        (f"  FLOPs reduction (FR)      paper {pc:>8}   ours {result['compression']:.2f}× "
+         f"({result['base_flops']:,} → {result['flops']:,} FLOPs; params {result['base_params']:,} → "
+         f"{result['params']:,}, {result['base_params'] / result['params']:.2f}×)"
+         if result["compression_kind"] == "FR" else
+         f"  paper-style compression   paper {pc:>8}   ours {result['compression']:.2f}× "
+         f"({result['weights']:,} weights / {result['nonzeros']:,} non-zeros, {result['bits']} bits)"),
         f"  honest compression        {result['dense_fp32_bytes']:,} dense fp32 bytes / {result['file_bytes']:,} "
         f"file bytes = {result['honest_compression']:.2f}×",
         f"  FLOPs (CUP counter) {result['flops']:,} dense, {result['flops_nonzero']:,} counting only non-zero "
         f"weights; params {result['params']:,}",
     ])
+
+
+def ship(model, row: str, *, smoke: bool, accuracy: float, test_images: int, ratio: float, **extra) -> Path:
+    """Write a row's final model as ``TrainedModels/<row>.etm`` with what its run measured; a smoke
+    run writes to a temporary folder instead and never touches ``TrainedModels/``."""
+    import tempfile
+
+    import torch
+
+    from .storage import save_compressed
+    folder = Path(tempfile.mkdtemp(prefix=f"smoke-{row}-")) if smoke else trained_models_dir()
+    meta = {"row": row, "accuracy": round(accuracy, 2), "test_images": test_images, "ratio": ratio,
+            "smoke": smoke, "torch": torch.__version__, **extra}
+    path = folder / f"{row}.etm"
+    save_compressed(model.cpu(), path, meta)
+    return path

@@ -45,3 +45,27 @@ def dense_fp32_bytes(model: nn.Module) -> int:
     """Bytes of the counted weights stored densely in fp32 (58,862,336 for VGG16): the reference
     of the honest ratio."""
     return 4 * count_weights(model)[0]
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, input_shape, *, batch: int = 1, device="cpu", reps: int = 50) -> float:
+    """Median wall time of one forward pass in float32 (CUDA: timed with events after a warm-up)."""
+    import time
+    model = model.to(device).eval()
+    x = torch.rand(batch, *input_shape, device=device)
+    for _ in range(5):
+        model(x)
+    times = []
+    for _ in range(reps):
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(x)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            model(x)
+            times.append(1000 * (time.perf_counter() - t0))
+    return float(sorted(times)[len(times) // 2])

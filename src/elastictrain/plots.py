@@ -83,3 +83,36 @@ def kept_kernels(model, title="kept k×k kernels per layer"):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def kept_filters(table, title="filters kept per layer"):
+    """Original vs kept width of each pruned layer (CUP's non-uniform pattern)."""
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(table) + 2), 3.2))
+    x = np.arange(len(table))
+    ax.bar(x - 0.2, table["original"], 0.4, label="original", color="tab:gray")
+    ax.bar(x + 0.2, table["kept"], 0.4, label="kept", color="tab:green")
+    ax.set_xticks(x, list(table["layer"]), rotation=60, ha="right", fontsize=7)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def dendrogram(features, n_keep=None, t=None, title="Ward dendrogram", last=30):
+    """The layer's Ward tree (truncated to its last merges) with the cut: at t, or between the
+    merges that leave ``n_keep`` clusters."""
+    from scipy.cluster.hierarchy import dendrogram as draw, linkage
+    z = linkage(features, method="ward")
+    if t is None and n_keep is not None:
+        n = len(features)
+        t = (z[n - n_keep - 1, 2] + z[n - n_keep, 2]) / 2 if 1 < n_keep < n else z[-1, 2]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    draw(z, truncate_mode="lastp", p=last, ax=ax, no_labels=True, color_threshold=t)
+    if t is not None:
+        ax.axhline(t, color="tab:red", lw=1)
+    ax.set_ylabel("Ward merge height")
+    ax.set_title(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -191,8 +191,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
 class _Compiled:
     """The compiled training forward, rebuilt when a callback swaps the model (CUP-SS).
 
-    Small CIFAR nets are bound by per-op Python overhead at any batch size (ResNet-56 on an H200:
-    ~21 ms per step at batch 256 and at 512); compiling removes most of it. Evaluation stays eager.
+    Small CIFAR nets are bound by kernel launches at any batch size (ResNet-56 on an H200: ~21 ms
+    per step at batch 256 and at 512). Measured there: mode "default" gains nothing, while
+    "reduce-overhead" (CUDA graphs) is 2.6x faster on ResNet-56 and 1.75x on VGG16. Evaluation stays eager.
     """
 
     def __init__(self, mode):

@@ -5,6 +5,7 @@ For each prunable layer (in depth order) the kept filters K slice the layer's we
 BatchNorm (affine and running statistics; the step counter restarts, quirk Q7) and the input
 channels of the consuming layer. Residual-path tensors never change width (cup.md §1.9).
 """
+import numpy as np
 import pandas as pd
 import torch
 
@@ -34,20 +35,46 @@ def cup_prune(model, *, t: float | None = None, keep: dict | None = None, use_bi
     ``faithful_bias_bug`` re-creates quirk Q1: with ``use_bias`` off, the pruned layer's bias is
     re-initialised instead of sliced (CUP's MNIST "before retraining" figures carry it).
     """
-    name = model.arch["name"]
     if use_bias is None:
-        use_bias = name.startswith("vgg16")
+        use_bias = model.arch["name"].startswith("vgg16")
+
+    def choose(p, w, bias, w_next):
+        f = features(w, bias if use_bias else None, w_next)
+        return cluster_keep(f, t=t, n_keep=None if keep is None else keep[p.layer])
+
+    return _surgery(model, choose, sliced_bias=use_bias or not faithful_bias_bug)
+
+
+def rank_prune(model, keep: dict, criterion: str, *, seed: int = 0):
+    """The baselines CUP compares with (Li et al. 2017): keep, per layer, the ``keep[layer]`` filters
+    with the largest L1 or L2 norm of [incoming weights, bias], or a seeded random choice."""
+    if criterion not in ("l1", "l2", "random"):
+        raise ValueError(f"criterion must be l1, l2 or random, not {criterion!r}")
+    rng = np.random.default_rng(seed)
+
+    def choose(p, w, bias, w_next):
+        n = keep[p.layer]
+        if criterion == "random":
+            return np.sort(rng.permutation(w.shape[0])[:n])
+        rows = torch.cat([w.flatten(1)] + ([bias[:, None]] if bias is not None else []), 1).float().cpu()
+        score = rows.norm(p=1 if criterion == "l1" else 2, dim=1)
+        return np.sort(score.argsort(descending=True)[:n].numpy())
+
+    return _surgery(model, choose, sliced_bias=True)
+
+
+def _surgery(model, choose, *, sliced_bias: bool):
+    name = model.arch["name"]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rows, kept = [], {}
     for p in pairs_for(model):
         w, w_next = state[f"{p.layer}.weight"], state[f"{p.next}.weight"]
         bias = state.get(f"{p.layer}.bias")
-        f = features(w, bias if use_bias else None, w_next)
-        k = cluster_keep(f, t=t, n_keep=None if keep is None else keep[p.layer])
+        k = choose(p, w, bias, w_next)
         idx = torch.from_numpy(k).to(w.device)
         state[f"{p.layer}.weight"] = w[idx]
         if bias is not None:
-            state[f"{p.layer}.bias"] = bias[idx] if use_bias or not faithful_bias_bug else _fresh_bias(w[idx])
+            state[f"{p.layer}.bias"] = bias[idx] if sliced_bias else _fresh_bias(w[idx])
         if p.bn is not None:
             for key in _BN_KEYS:
                 state[f"{p.bn}.{key}"] = state[f"{p.bn}.{key}"][idx]

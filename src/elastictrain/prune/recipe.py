@@ -14,9 +14,9 @@ import torch
 
 from .. import baselines, checkpoints
 from ..data import make_loaders
-from ..evaluation import trained_models_dir
+from ..evaluation import ship, trained_models_dir
 from ..metrics import count_weights
-from ..storage import load_compressed, save_compressed
+from ..storage import load_compressed
 from ..train import TrainConfig, default_device, evaluate, fit
 from .masks import PruneSpec
 from .schedule import MaskCallback
@@ -70,19 +70,17 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
         "cifar10", batch_size=recipe.batch_size, seed=recipe.train.seed, device=device,
         train_subset=recipe.smoke_train_images if smoke else None,
         test_subset=recipe.smoke_test_images if smoke else None)
-    folder = Path(tempfile.mkdtemp(prefix=f"smoke-{recipe.row}-")) if smoke else trained_models_dir()
-    run_state = (folder if smoke else checkpoints.checkpoints_dir()) / f".{recipe.row}.run"
+    run_state = (Path(tempfile.mkdtemp(prefix=f"smoke-{recipe.row}-run-")) if smoke
+                 else checkpoints.checkpoints_dir()) / f".{recipe.row}.run"
     masks = MaskCallback(recipe.spec, 1 / recipe.ratio, recipe.ramp_epochs, pattern_size=recipe.pattern_size)
     model, history = fit(model, train_loader, test_loader, recipe.train, callbacks=[masks], device=device,
                          checkpoint_path=run_state, progress=progress)
     accuracy = evaluate(model, test_loader)["top1"]
     total, nonzero = count_weights(model)
-    meta = {"row": recipe.row, "dataset": "cifar10", "accuracy": round(accuracy, 2),
-            "test_images": len(test_loader.labels), "ratio": total / nonzero,
-            "granularity": recipe.spec.granularity, "balanced": recipe.spec.balanced is not None,
-            "epochs": len(history), "train_time_s": round(float(history["epoch_time_s"].sum()), 1),
-            "device": baselines.environment()["device"], "torch": torch.__version__, "smoke": smoke, **base}
-    path = folder / f"{recipe.row}.etm"
-    save_compressed(model.cpu(), path, meta)
+    path = ship(model, recipe.row, smoke=smoke, accuracy=accuracy, test_images=len(test_loader.labels),
+                ratio=total / nonzero, dataset="cifar10", granularity=recipe.spec.granularity,
+                balanced=recipe.spec.balanced is not None, epochs=len(history),
+                train_time_s=round(float(history["epoch_time_s"].sum()), 1),
+                device=baselines.environment()["device"], **base)
     run_state.unlink(missing_ok=True)
     return RowResult(model, history, accuracy, total / nonzero, path, base)

@@ -18,7 +18,7 @@ import torch
 from . import checkpoints
 from .data import make_loaders
 from .models import create_model
-from .train import TrainConfig, default_device, evaluate, fit
+from .train import TrainConfig, config_record, default_device, evaluate, fit
 
 
 @dataclass(frozen=True)
@@ -85,15 +85,11 @@ class DenseResult:
     sha256: str | None
 
 
-def _config_record(cfg: DenseConfig) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg.train).items()}
-
-
 def _finished_run(path: Path, cfg: DenseConfig, test_loader) -> DenseResult | None:
     """A checkpoint of this exact recipe from an earlier execution (a GPU call is capped at
     10 minutes, so a notebook may need two calls): re-measure it instead of retraining."""
     model, ckpt = checkpoints.build_from_checkpoint(path)
-    if ckpt["extra"].get("config") != _config_record(cfg):
+    if ckpt["extra"].get("config") != config_record(cfg.train):
         return None  # another recipe: train afresh and replace it
     model = model.to(test_loader.device)
     accuracy = evaluate(model, test_loader)["top1"]
@@ -139,7 +135,7 @@ def train_dense(cfg: DenseConfig, *, smoke: bool, device=None, checkpoint_dir=No
                          checkpoint_path=run_state, progress=progress)
     accuracy = evaluate(model, test_loader)["top1"]
     sha = checkpoints.save_checkpoint(path, model, epoch=cfg.train.epochs, extra={
-        "test_top1": accuracy, "smoke": smoke, "config": _config_record(cfg), "history": history.to_dict("records")})
+        "test_top1": accuracy, "smoke": smoke, "config": config_record(cfg.train), "history": history.to_dict("records")})
     if not smoke:
         checkpoints.record_in_manifest(path, note="notebooks/00_dense_baselines.ipynb")
     run_state.unlink(missing_ok=True)

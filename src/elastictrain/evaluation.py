@@ -4,13 +4,16 @@ Everything here starts from the file alone: it is loaded with ``load_compressed`
 float32 on the full official test set, and its compression is counted from the rebuilt weights
 and the file's bytes, never taken from what the training run recorded.
 """
+import tempfile
 from pathlib import Path
+
+import torch
 
 from .flops import count_flops, count_params
 from .metrics import count_weights, dense_fp32_bytes, paper_compression
 from .models import create_model
 from .rows import ROWS
-from .storage import load_compressed
+from .storage import load_compressed, save_compressed
 from .train import evaluate
 
 
@@ -107,11 +110,6 @@ def shipped_summary(result: dict) -> str:
 def ship(model, row: str, *, smoke: bool, accuracy: float, test_images: int, ratio: float, **extra) -> Path:
     """Write a row's final model as ``TrainedModels/<row>.etm`` with what its run measured; a smoke
     run writes to a temporary folder instead and never touches ``TrainedModels/``."""
-    import tempfile
-
-    import torch
-
-    from .storage import save_compressed
     folder = Path(tempfile.mkdtemp(prefix=f"smoke-{row}-")) if smoke else trained_models_dir()
     meta = {"row": row, "accuracy": round(accuracy, 2), "test_images": test_images, "ratio": ratio,
             "smoke": smoke, "torch": torch.__version__, **extra}

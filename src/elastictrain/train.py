@@ -212,7 +212,7 @@ def _save(state, path, callbacks, loader):
     # drawn without the interruption, instead of replaying those of the first epochs.
     rng = loader.generator.get_state() if hasattr(loader, "generator") else None
     checkpoints.save_checkpoint(path, state.model, epoch=state.epoch, optimizer=state.optimizer, extra={
-        "step": state.step, "history": state.history, "config": _plain(asdict(state.config)),
+        "step": state.step, "history": state.history, "config": config_record(state.config),
         "callbacks": [cb.state_dict() for cb in callbacks], "loader_rng": rng})
 
 
@@ -232,8 +232,9 @@ def _resume(state, path, callbacks, loader):
         loader.generator.set_state(ckpt["extra"]["loader_rng"])
 
 
-def _plain(d):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+def config_record(config: TrainConfig) -> dict:
+    """The config as plain values a weights-only checkpoint can hold (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
 @torch.no_grad()

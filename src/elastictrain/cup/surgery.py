@@ -17,8 +17,6 @@ _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 def _widths_kwargs(name: str, model, kept: dict) -> dict:
     pairs = pairs_for(model)
-    if name in ("vgg16", "vgg16_cup"):
-        return {"widths": [kept[p.layer] for p in pairs]}
     if name == "mlp":
         return {"hidden": [kept["fc1"], kept["fc2"]]}
     if name == "resnet50":

@@ -32,6 +32,7 @@ class MaskCallback(Callback):
         self.spec, self.target, self.ramp = spec, target_density, max(1, ramp_epochs)
         self.pattern_size = pattern_size
         self.masks, self.library, self.d0 = {}, None, None
+        self._bound_to, self._lists = (None, None), None
 
     def on_train_begin(self, state):
         weights = prunable_weights(state.model)
@@ -58,18 +59,25 @@ class MaskCallback(Callback):
 
     @torch.no_grad()
     def apply(self, state):
-        weights = prunable_weights(state.model)
-        names = list(self.masks)
-        params = [weights[n] for n in names]
-        if self.masks[names[0]].device != params[0].device:
-            self.masks = {n: m.to(weights[n]) for n, m in self.masks.items()}
-            self.library = None if self.library is None else self.library.to(params[0].device)
-        masks = [self.masks[n] for n in names]
+        params, masks = self._bound(state.model)
         torch._foreach_mul_(params, masks)
         bufs = [(state.optimizer.state.get(p) or {}).get("momentum_buffer") for p in params]
         live = [(b, m) for b, m in zip(bufs, masks) if b is not None]
         if live:
             torch._foreach_mul_([b for b, _ in live], [m for _, m in live])
+
+    def _bound(self, model):
+        """(weights, masks) as two aligned lists. Runs after every optimiser step, so the module walk
+        happens only when the model (CUP-SS, resume) or the masks (a ramp update) have changed."""
+        # Held references, not ids: a freed dict's id can be reused by the next one.
+        if self._bound_to[0] is not model or self._bound_to[1] is not self.masks:
+            weights = prunable_weights(model)
+            params = [weights[n] for n in self.masks]
+            if next(iter(self.masks.values())).device != params[0].device:  # restored on the CPU
+                self.masks = {n: m.to(weights[n]) for n, m in self.masks.items()}
+                self.library = None if self.library is None else self.library.to(params[0].device)
+            self._bound_to, self._lists = (model, self.masks), (params, list(self.masks.values()))
+        return self._lists
 
     def density(self) -> float:
         return sum(float(m.sum()) for m in self.masks.values()) / sum(m.numel() for m in self.masks.values())

@@ -1,4 +1,6 @@
 """CUP: features, clustering, representatives and surgery, with exact numbers."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -265,3 +267,102 @@ def test_latency_and_cup_plots():
     cut = fig.axes[0].lines[-1].get_ydata()[0]
     from scipy.cluster.hierarchy import fcluster, linkage
     assert len(np.unique(fcluster(linkage(f, "ward"), cut, "distance"))) == 60   # the drawn cut leaves 60
+
+
+# ---- CIFAR rows (cup/cifar.py), CUP-SS compile deferral, latency comparison ----
+
+def test_cup_ss_defers_compile_while_pruning_and_raises_wd_after_the_stop():
+    from elastictrain.cup import CupSS
+    from elastictrain.train import Callback, TrainConfig, fit
+    seen = []
+
+    class Watch(Callback):
+        def after_epoch(self, state):
+            seen.append((state.epoch, state.defer_compile, state.optimizer.param_groups[0]["weight_decay"]))
+
+    torch.manual_seed(0)
+    ss = CupSS(k=0.5, max_params=100_000, wd_after_stop=5e-4)
+    cfg = TrainConfig(epochs=6, lr=0.05, nesterov=False, weight_decay=1e-4, schedule="constant")
+    fit(create_model("mlp"), _tiny_mnist(), None, cfg, callbacks=[ss, Watch()], progress=False)
+    s = ss.stopped_at
+    assert s is not None and 1 < s < 6
+    assert [d for _, d, _ in seen] == [True] * (s - 1) + [False] * (6 - s + 1)
+    assert [w for _, _, w in seen] == [1e-4] * (s - 1) + [5e-4] * (6 - s + 1)
+
+
+def _tiny(cfg, **kw):
+    return dataclasses.replace(cfg, smoke_train_images=128, smoke_test_images=64, **kw)
+
+
+def test_run_cupss_smoke_stops_at_the_flops_budget():
+    from elastictrain.cup import cifar
+    from elastictrain.data import DatasetMissingError
+    from elastictrain.evaluation import trained_models_dir
+    from elastictrain.storage import read_header
+    before = sorted(p.name for p in trained_models_dir().iterdir())
+    row = _tiny(cifar.CupSSRow("C8", "resnet56", "resnet56", k=100.0, train=cifar.SS_TRAIN, batch_size=256,
+                               max_flops=120_000_000))
+    try:
+        r = cifar.run_cupss(row, smoke=True, progress=False)
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+    assert sorted(p.name for p in trained_models_dir().iterdir()) == before
+    s = r.summary
+    # epoch 1: t = 0 keeps everything; epoch 2: t = 100 keeps one filter per block, within budget
+    assert s["stopped_at"] == 2 and s["first_pruned_epoch"] == 2 and s["t_at_stop"] == 100.0
+    assert r.history["t"].tolist() == [0.0, 100.0]
+    assert r.history["flops"].tolist() == [253_121_802, resnet56_hand([1] * 27)]
+    assert r.layers["kept"].tolist() == [1] * 27 and r.layers["original"].tolist() == [16] * 9 + [32] * 9 + [64] * 9
+    assert s["flops"] == resnet56_hand([1] * 27) and s["fr"] == pytest.approx(253_121_802 / s["flops"])
+    meta = read_header(r.path)["meta"]
+    assert meta["smoke"] is True and meta["method"] == "CUP-SS" and meta["widths"] == [1] * 27
+    assert meta["test_images"] == 64 and meta["ratio"] == pytest.approx(s["fr"])
+
+
+def test_run_cup_smoke_reaches_the_target_fr(monkeypatch):
+    from elastictrain import baselines
+    from elastictrain.cup import cifar
+    from elastictrain.data import DatasetMissingError
+    from elastictrain.storage import load_compressed
+    import pandas as pd
+    torch.manual_seed(0)
+    dense = baselines.DenseResult(create_model("vgg16"), pd.DataFrame(), 10.0, 0.0, None, None)
+    monkeypatch.setattr(baselines, "train_dense", lambda *a, **k: dense)   # no dense training here
+    row = _tiny(cifar.CupRow("C2", "vgg16", target_fr=2.93, paper_t=0.90, train=cifar.VGG_RETRAIN,
+                             batch_size=512))
+    try:
+        r = cifar.run_cup(row, smoke=True, progress=False)
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+    s = r.summary
+    assert s["fr"] >= 2.93 and s["t"] > 0 and s["epochs"] == 1
+    widths = r.layers["kept"].tolist()
+    assert len(widths) == 13 and r.model.arch["kwargs"]["widths"] == widths
+    assert s["flops"] == vgg16_hand(widths) and s["fr"] == pytest.approx(627_634_698 / vgg16_hand(widths))
+    # the smallest t to bisection precision: a slightly smaller t falls short of the target
+    assert 627_634_698 / count_flops(cup_prune(dense.model, t=s["t"] * 0.9)[0]) < 2.93
+    shipped = load_compressed(r.path)
+    assert shipped.arch == r.model.arch and shipped.meta["t"] == round(s["t"], 4)
+    assert 0 <= s["before_retraining"] <= 100 and 0 <= s["before_retraining_bn_recalibrated"] <= 100
+
+
+def test_best_epoch_reads_the_history_and_skips_unevaluated_epochs():
+    import pandas as pd
+    from elastictrain.cup.cifar import best_epoch
+    h = pd.DataFrame({"epoch": [1, 2, 3, 4, 5], "test_top1": [50.0, 91.0, float("nan"), 90.5, 90.9]})
+    assert best_epoch(h) == (91.0, 2)
+    assert best_epoch(h, after=3) == (90.9, 5)
+    assert best_epoch(h, after=6) == (None, None)
+    assert best_epoch(pd.DataFrame({"epoch": [1]})) == (None, None)
+
+
+def test_latency_comparison_against_the_unpruned_architecture():
+    from elastictrain.cup.speed import compare, input_shape, to_markdown
+    import pandas as pd
+    p, _ = cup_prune(create_model("mlp"), keep={"fc1": 100, "fc2": 60})
+    r = compare(p, row="C1", cpu_reps=3, rounds=1)
+    assert r["FR"] == pytest.approx(1_091_610 / 170_330)
+    assert r["CPU bs1 speedup"] == pytest.approx(r["CPU bs1 dense ms"] / r["CPU bs1 pruned ms"])
+    assert input_shape(create_model("resnet56")) == (3, 32, 32)
+    md = to_markdown(pd.DataFrame([{"row": "C1", "FR": 6.4088}])).splitlines()
+    assert md == ["| row | FR |", "|---|---|", "| C1 | 6.409 |"]

@@ -734,3 +734,26 @@ def test_pattern_library_needs_3x3_convs():
 def test_structure_refuses_non_positive_groups(groups):
     with pytest.raises(ValueError, match="positive"):
         Structure(groups, ANY, ANY, ANY)
+
+
+def test_kernel_supports_and_block_nonzeros_count_a_pattern_model():
+    from elastictrain.metrics import block_nonzeros, kernel_supports
+    torch.manual_seed(0)
+    model = create_model("vgg16", widths=[16, 16, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 32])
+    weights = prunable_weights(model)
+    lib = pattern_library(weights)
+    masks = make_masks(weights, 0.05, PruneSpec("pattern", balanced=WORKLOAD), library=lib)
+    with torch.no_grad():
+        for n, w in weights.items():
+            w.mul_(masks[n])
+    sup = kernel_supports(model)
+    assert len(sup) == 13 and len(sup.columns) <= 8
+    codes = {int((lib[i].long() << torch.arange(9)).sum()) for i in range(len(lib))}
+    assert set(int(c) for c in sup.columns) <= codes                 # only library patterns survive
+    assert all(bin(int(c)).count("1") == 4 for c in sup.columns)
+    assert int(sup.to_numpy().sum()) == sum(int(masks[n].flatten(2).any(2).sum()) for n in masks if masks[n].dim() == 4)
+    per_block = block_nonzeros(model, WORKLOAD)
+    assert len(per_block["features.0.weight"]) == 48 and len(per_block["classifier.weight"]) == 40
+    for n, c in per_block.items():
+        assert int(c.sum()) == int(masks[n].sum()), n
+        assert int(c.min()) == int(c.max()), n                       # balanced: one count per layer

@@ -9,9 +9,10 @@ from torch.nn.utils import parametrize
 
 from elastictrain.models import create_model
 from elastictrain.models.common import prunable_weights
-from elastictrain.prune.structure import LAYER, WORKLOAD, blocks
-from elastictrain.quant import QuantSpec, bake_, codebooks, kmeans_1d, quantize_, unique_per_group
-from elastictrain.storage import byte_report, load_compressed, read_header, save_compressed
+from elastictrain.prune.structure import LAYER, WORKLOAD, block_ids, blocks
+from elastictrain.quant import QuantSpec, bake_, codebooks, group_table, kmeans_1d, quantize_, unique_per_group
+from elastictrain.quant.compact import fold_bn_, snap_fp16_
+from elastictrain.storage import byte_report, load_compressed, save_compressed, tensor_bytes
 
 WIDTHS = [16, 16, 32, 32, 32, 32, 32, 64, 64, 64, 64, 64, 64]
 
@@ -105,11 +106,24 @@ def test_training_moves_centroids_not_the_mask():
         assert torch.equal(w != 0, mask[n]) and int(unique_per_group(w, LAYER).max()) <= 4
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(4, LAYER), QuantSpec(2, WORKLOAD)])
-def test_packed_storage_round_trip_and_byte_accounting(spec, tmp_path):
+def _expected_codebook_bytes(w, spec, fp16):
+    """(values, codebooks) bytes of one quantized weight in the compact codebook layout."""
+    ids = block_ids(tuple(w.shape), spec.structure).flatten()
+    flat = w.detach().flatten()
+    counts = [int(torch.unique(flat[(ids == g) & (flat != 0)]).numel()) for g in range(int(ids.max()) + 1)]
+    code_bits = sum(int(((ids == g) & (flat != 0)).sum()) * math.ceil(math.log2(c))
+                    for g, c in enumerate(counts) if c > 1)
+    non_empty = sum(c > 0 for c in counts)
+    return math.ceil(code_bits / 8), math.ceil(non_empty * spec.bits / 8) + sum(counts) * (2 if fp16 else 4)
+
+
+@pytest.mark.parametrize("spec,fp16", [(QuantSpec(4, LAYER), False), (QuantSpec(2, WORKLOAD), True)])
+def test_packed_storage_round_trip_and_byte_accounting(spec, fp16, tmp_path):
     m = sparse_vgg()
     quantize_(m, spec)
     bake_(m)
+    if fp16:
+        snap_fp16_(m)
     path = tmp_path / "q.etm"
     size = save_compressed(m, path, {"bits": spec.bits}, quant=spec)
     back = load_compressed(path)
@@ -117,12 +131,136 @@ def test_packed_storage_round_trip_and_byte_accounting(spec, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b if not k.endswith("num_batches_tracked"))
     report = byte_report(path)
     assert size == report["total"] == path.stat().st_size
-    entries = {e["name"]: e for e in read_header(path)["tensors"]}
+    rows = {r["tensor"]: r for r in tensor_bytes(path)}
+    assert report["header"] + sum(r["bytes"] for r in rows.values()) == size
     weights = prunable_weights(m)
-    assert report["codebooks"] == sum(4 * spec.structure.num_blocks(tuple(w.shape)) * 2 ** spec.bits
+    for n, w in weights.items():
+        values, books = _expected_codebook_bytes(w, spec, fp16)
+        assert (rows[n]["enc"], rows[n]["dtype"]) == ("codebook", "f2" if fp16 else "f4")
+        assert (rows[n]["values"], rows[n]["codebooks"]) == (values, books), n
+    # never more than the fixed layout: bits per non-zero, 2^bits fp32 values per group
+    assert report["values"] <= sum(math.ceil(int((w != 0).sum()) * spec.bits / 8) for w in weights.values())
+    assert report["codebooks"] <= sum(4 * spec.structure.num_blocks(tuple(w.shape)) * spec.levels + 8
                                       for w in weights.values())
-    assert report["values"] == sum(math.ceil(int((w != 0).sum()) * spec.bits / 8) for w in weights.values())
-    assert all(entries[n]["enc"] == "codebook" and entries[n]["bits"] == spec.bits for n in weights)
+
+
+def test_groups_with_few_values_cost_fewer_bits(tmp_path):
+    """A 2-bit layer whose groups hold 1 or 2 distinct values stores 0 or 1 bit per non-zero."""
+    m = create_model("vgg16", widths=WIDTHS)
+    with torch.no_grad():
+        for w in prunable_weights(m).values():
+            w.zero_()
+        w = m.features[3].weight                        # 16 x 16 x 3 x 3: 16 x 4 blocks of 1 x 4 x 3 x 3
+        w[0, 0, 0, 0] = w[0, 1, 1, 1] = 0.5             # block 0: one value, two weights -> 0 code bits
+        w[1, 4, 0, 0], w[1, 5, 0, 0], w[1, 6, 2, 2] = 0.25, -0.25, 0.25   # block 5: two values -> 1 bit each
+    path = tmp_path / "few.etm"
+    save_compressed(m, path, quant=QuantSpec(2, WORKLOAD))
+    row = {r["tensor"]: r for r in tensor_bytes(path)}["features.3.weight"]
+    assert row["values"] == 1                           # 3 code bits, one byte
+    assert row["codebooks"] == 1 + 3 * 2                # 2 counts x 2 bits; 3 fp16 values
+    assert torch.equal(load_compressed(path).features[3].weight, w)
+
+
+def test_mean_gradient_divides_by_members():
+    m = sparse_vgg(density=0.2)
+    quantize_(m, QuantSpec(3, LAYER), grad="mean")
+    conv = m.features[3]
+    with parametrize.cached():
+        w = conv.weight
+        w.retain_grad()
+        m.train()(torch.rand(4, 3, 32, 32)).square().sum().backward()
+    shared = conv.parametrizations.weight[0]
+    total = torch.zeros(8).index_add_(0, shared.codes, w.grad.flatten()[shared.positions])
+    members = torch.bincount(shared.codes, minlength=8)
+    assert int(members.sum()) == int((w != 0).sum()) and int(members.min()) >= 1
+    expected = total / members
+    assert torch.allclose(conv.parametrizations.weight.original.grad.flatten(), expected, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="sum' or 'mean"):
+        quantize_(sparse_vgg(), QuantSpec(2), grad="avg")
+
+
+# ------------------------------------------------------------------ cheap BN / fp16 (quant.compact)
+
+def _dead_and_unread(m):
+    """Kill filters 0-2 of conv1 and leave channels 5, 6 of conv2's output unread by conv3."""
+    with torch.no_grad():
+        m.features[0].weight[:3] = 0
+        m.features[7].weight[:, 5:7] = 0
+        for bn in (m.features[1], m.features[4]):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+        m.features[1].bias[0] = -0.3                     # dead filter, shift < 0: ReLU makes it 0
+        m.features[1].bias[1] = 0.3                      # dead filter, shift > 0: a constant channel
+        m.features[0].bias.uniform_(-0.1, 0.1)
+    return m
+
+
+def test_fold_bn_keeps_the_function_and_zeroes_what_cannot_matter():
+    m = _dead_and_unread(sparse_vgg(density=0.5)).eval()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = m(x)
+        shift1 = m.features[1].bias - m.features[1].weight * (m.features[1].running_mean - m.features[0].bias) \
+            / torch.sqrt(m.features[1].running_var + 1e-5)
+    counts = fold_bn_(m)
+    with torch.no_grad():
+        after = m(x)
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-5)
+    assert counts == {"channels": sum(WIDTHS), "dead": 3, "unread": 2, "stored": sum(WIDTHS) - 2 - 2}
+    bn1, bn2 = m.features[1], m.features[4]
+    assert bn1.weight[:3].eq(0).all() and bn1.bias[0] == 0
+    assert float(bn1.bias[1]) == pytest.approx(float(shift1[1].detach()), rel=1e-5)
+    assert bn2.weight[5:7].eq(0).all() and bn2.bias[5:7].eq(0).all()
+    for conv, bn in zip(m.features[0::1], m.features[1::1]):
+        if isinstance(conv, torch.nn.Conv2d):
+            assert conv.bias.eq(0).all() and bn.running_mean.eq(0).all()
+            assert bn.running_var.unique().tolist() == [pytest.approx(1 - 1e-5)]
+    with pytest.raises(NotImplementedError, match="VGG"):
+        fold_bn_(create_model("resnet56", widths=[4] * 27))
+
+
+def test_snap_fp16_keeps_the_mask_and_lands_on_fp16_values():
+    m = sparse_vgg()
+    with torch.no_grad():
+        m.features[0].weight.view(-1)[torch.nonzero(m.features[0].weight.view(-1))[:2, 0]] = \
+            torch.tensor([1e-9, -1e-9])                   # would round to 0 in fp16
+        m.features[1].weight[0] = 1e6                     # beyond fp16: stays fp32
+    mask = {n: (w != 0).clone() for n, w in prunable_weights(m).items()}
+    snap_fp16_(m)
+    for n, w in prunable_weights(m).items():
+        assert torch.equal(w != 0, mask[n])
+        assert torch.equal(w.half().float(), w)
+    assert m.features[1].weight[0] == 1e6 and torch.equal(m.features[1].weight[1:].half().float(), m.features[1].weight[1:])
+    tiny = m.features[0].weight[(m.features[0].weight != 0) & (m.features[0].weight.abs() < 1e-6)]
+    assert sorted(tiny.tolist()) == [-2.0 ** -24, 2.0 ** -24]
+
+
+def test_compact_vgg16_params_cost(tmp_path):
+    """Folded + fp16 BN of the full VGG16: 2 bytes per stored scale and shift (plus the positions of
+    the sparse vectors), zero conv biases, running mean/var 4 bytes each: far below 84.5 KB."""
+    torch.manual_seed(0)
+    m = create_model("vgg16")
+    with torch.no_grad():
+        for w in prunable_weights(m).values():
+            w.mul_(torch.rand(w.shape) < 0.001)
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.bias.uniform_(-0.3, 0.3)
+    counts = fold_bn_(m)
+    snap_fp16_(m)
+    path = tmp_path / "c.etm"
+    save_compressed(m, path)
+    rows = {r["tensor"]: r for r in tensor_bytes(path)}
+    params = sum(r["bytes"] for n, r in rows.items() if n not in prunable_weights(m))
+    assert counts["channels"] == 4224
+    scale_shift = sum(r["bytes"] for n, r in rows.items() if n.endswith((".weight", ".bias"))
+                      and n not in prunable_weights(m) and not n.startswith("classifier"))
+    assert scale_shift <= 2 * 2 * counts["stored"] + 2 * 13 * 80    # fp16 values + sparse positions
+    assert params == byte_report(path)["params"] < 20_000
+    assert all(rows[f"features.{i}.running_var"]["enc"] == "const" for i in (1, 4, 8))
 
 
 def test_storage_refuses_unquantized_or_parametrized_models(tmp_path):
@@ -133,3 +271,38 @@ def test_storage_refuses_unquantized_or_parametrized_models(tmp_path):
     with pytest.raises(ValueError, match="bake_"):
         save_compressed(m, tmp_path / "b.etm", quant=QuantSpec(2))
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------- the row recipe (smoke)
+
+def test_quant_row_smoke_ships_exactly_the_measured_model(tmp_path, monkeypatch):
+    """run_quant_row end to end on a small sparse VGG16 standing in for row 03's file: the shipped
+    file keeps the start mask, holds <= 4 values per 16x4 block, records the paper-style ratio and
+    loads back bit for bit (the recipe itself checks that last point and raises otherwise)."""
+    from elastictrain import data
+    from elastictrain.quant import recipe as qr
+    from elastictrain.train import TrainConfig
+    try:
+        data.load_split("cifar10", train=False)
+    except data.DatasetMissingError as e:
+        pytest.skip(str(e))
+    start = sparse_vgg(density=0.05)
+    save_compressed(start, tmp_path / "S.etm", {"accuracy": 50.0})
+    monkeypatch.setattr(qr, "trained_models_dir", lambda: tmp_path)
+    spec = QuantSpec(2, WORKLOAD)
+    r = qr.run_quant_row(qr.QuantRecipe(row="E6", base="S", spec=spec, train=TrainConfig(epochs=3, lr=0.01),
+                                        smoke_train_images=128, smoke_test_images=100),
+                         smoke=True, device="cpu", progress=False)
+    assert len(r.history) == 2 and r.path.parent != tmp_path and r.base["base_accuracy"] == 50.0
+    shipped = load_compressed(r.path)
+    groups = group_table(shipped, spec.structure)
+    assert int(groups.max_unique.max()) <= 4
+    for n, w in prunable_weights(shipped).items():
+        assert torch.equal(w != 0, prunable_weights(start)[n] != 0), n
+        assert torch.equal(w.half().float(), w)
+    total = sum(w.numel() for w in prunable_weights(start).values())
+    nonzero = sum(int((w != 0).sum()) for w in prunable_weights(start).values())
+    assert shipped.meta["ratio"] == pytest.approx(total / nonzero * 16) and shipped.meta["bits"] == 2
+    assert shipped.meta["test_images"] == 100 and shipped.meta["smoke"] is True
+    with pytest.raises(ValueError, match="teacher"):
+        qr.QuantRecipe(row="E6", base="S", spec=spec, train=TrainConfig(distill_alpha=0.5))

@@ -30,6 +30,8 @@ def test_shipped_model_reproduces_its_record(path):
     assert abs(r["accuracy"] - meta["accuracy"]) <= AGREEMENT, (r["accuracy"], meta["accuracy"])
     assert r["compression"] == pytest.approx(meta["ratio"], rel=1e-9)
     row = ROWS[path.stem]
-    if row.paper_compression is not None:  # the ratio is a hard constraint of the method, not a goal
+    # Where the ratio is the method's hard constraint (a target density, a t found for the paper's
+    # FR) it can never fall short; CUP-SS stops at a params/FLOPs budget, so its FR is a result.
+    if row.paper_compression is not None and "CUP-SS" not in row.description:
         assert r["compression"] >= row.paper_compression * 0.999
     assert r["file_bytes"] == byte_report(path)["total"] == path.stat().st_size

@@ -7,8 +7,8 @@ from elastictrain.metrics import count_weights, dense_fp32_bytes
 from elastictrain.models import create_model
 from elastictrain.models.common import prunable_weights
 from elastictrain.storage import (MAGIC, StorageError, byte_report, decode_positions, encode_positions,
-                                  load_compressed, pack_bits, read_header, save_compressed,
-                                  unpack_bits)
+                                  load_compressed, pack_bits, pack_varbits, read_header, save_compressed,
+                                  tensor_bytes, unpack_bits, unpack_varbits)
 
 
 # ------------------------------------------------------------------------------------- bit packing
@@ -42,6 +42,19 @@ def test_pack_bits_empty_and_zero_width():
     assert pack_bits(np.array([0, 0, 0]), 0) == b""
     np.testing.assert_array_equal(unpack_bits(b"", 0, 4), np.zeros(4, dtype=np.int64))
     assert len(unpack_bits(b"", 7, 0)) == 0
+
+
+def test_varbits_round_trip_and_size():
+    rng = np.random.default_rng(5)
+    widths = rng.integers(0, 9, size=777)
+    values = np.array([rng.integers(0, 2 ** w) if w else 0 for w in widths])
+    packed = pack_varbits(values, widths)
+    assert len(packed) == -(-int(widths.sum()) // 8)
+    np.testing.assert_array_equal(unpack_varbits(packed, widths), values)
+    assert pack_varbits(np.array([3, 0, 1]), np.array([2, 0, 1])) == bytes([0b11100000])
+    assert pack_varbits(np.array([0, 0]), np.array([0, 0])) == b""
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_varbits(np.array([2]), np.array([1]))
 
 
 # ------------------------------------------------------------------------------------- positions
@@ -172,12 +185,15 @@ def test_sparse_vgg16_file_size_and_byte_report(sparse_vgg):
     # every prunable weight is sparse: 4 bytes per non-zero value, no dense weight section
     assert rep["values"] == 4 * count_weights(model)[1]
     assert rep["weights"] == 0
-    # fp32 conv biases, BN affine + running stats (5 * 4224), classifier bias (10), Normalize
-    # mean/std (6); num_batches_tracked is not stored
-    assert rep["params"] == 4 * (5 * 4224 + 10 + 6)
+    # fp32 BN affine + running stats (4 * 4224) and Normalize mean/std (6); the conv and classifier
+    # biases are still all zero (their init), which the sparse encoding stores in 0 bytes;
+    # num_batches_tracked is not stored
+    assert rep["params"] == 4 * (4 * 4224 + 6)
     assert rep["index"] < rep["values"]
     header = read_header(path)
-    assert {t["name"] for t in header["tensors"] if t["enc"] == "sparse"} == set(prunable_weights(model))
+    sparse = {t["name"] for t in header["tensors"] if t["enc"] == "sparse"}
+    weights = set(prunable_weights(model))
+    assert weights <= sparse and len(sparse - weights) == 14 and all(n.endswith(".bias") for n in sparse - weights)
 
 
 def test_meta_round_trips(sparse_vgg):
@@ -299,3 +315,50 @@ def test_refuses_missing_file(tmp_path):
     _refused(path, "no such model file")
     with pytest.raises(StorageError, match="no such model file"):
         byte_report(path)
+
+
+# ------------------------------------------------------------------ cheapest exact parameter forms
+
+def test_parameters_take_the_cheapest_exact_encoding(tmp_path):
+    """Constant, fp16-exact and mostly-zero parameter vectors cost 4 bytes, 2 bytes per value and
+    (positions + 2 bytes per non-zero); arbitrary fp32 ones stay at 4 bytes per value; all bit-exact."""
+    torch.manual_seed(4)
+    model = randomise_bn(create_model("vgg16", widths=[16] * 13))
+    bn, conv = model.features[1], model.features[0]
+    with torch.no_grad():
+        bn.running_var.fill_(0.75)                                  # const
+        bn.weight.copy_(torch.randn(16).half().float())            # fp16-exact, dense
+        bn.bias.zero_()
+        bn.bias[[2, 9]] = torch.tensor([0.5, -1.25])               # 2 of 16 non-zero, fp16-exact
+        conv.bias.copy_(torch.randn(16))                           # arbitrary fp32
+        model.features[4].weight[3] = -0.0                         # a negative zero must survive
+    path = tmp_path / "p.etm"
+    size = save_compressed(model, path)
+    back = load_compressed(path)
+    assert_same_state(model, back)
+    assert torch.equal(back.features[4].weight.view(torch.int32), model.features[4].weight.view(torch.int32))
+    rows = {r["tensor"]: r for r in tensor_bytes(path)}
+    assert (rows["features.1.running_var"]["enc"], rows["features.1.running_var"]["bytes"]) == ("const", 4)
+    assert (rows["features.1.weight"]["enc"], rows["features.1.weight"]["dtype"], rows["features.1.weight"]["bytes"]) == \
+        ("dense", "f2", 32)
+    assert rows["features.1.bias"]["enc"] == "sparse" and rows["features.1.bias"]["dtype"] == "f2"
+    assert rows["features.1.bias"]["bytes"] <= 2 * 2 + 4                 # two fp16 values + a few index bytes
+    assert (rows["features.0.bias"]["enc"], rows["features.0.bias"]["bytes"]) == ("dense", 64)
+    assert (rows["features.4.weight"]["enc"], rows["features.4.weight"]["dtype"]) == ("dense", "f4")
+    assert byte_report(path)["header"] + sum(r["bytes"] for r in rows.values()) == size == path.stat().st_size
+
+
+def test_version_1_files_still_load(tmp_path, sparse_vgg):
+    """The first shipped models (TrainedModels/E1, E3, C1) are version-1 files: same layout with
+    fp32 everywhere and no ``vdtype``; rewriting the version byte of a file that uses only those
+    encodings gives exactly such a file."""
+    model, path, _ = sparse_vgg
+    data = bytearray(path.read_bytes())
+    assert data[4] == 2
+    encs = {t["enc"] for t in read_header(path)["tensors"]}
+    assert encs <= {"dense", "sparse"} and all("vdtype" not in t for t in read_header(path)["tensors"]
+                                               if t["enc"] == "dense" or t["nnz"] > 0)
+    data[4] = 1
+    old = tmp_path / "v1.etm"
+    old.write_bytes(bytes(data))
+    assert_same_state(model, load_compressed(old))

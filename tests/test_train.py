@@ -365,3 +365,52 @@ def test_resume_restores_loader_rng_and_before_epoch_metrics(tmp_path):
     for a, b in zip(resumed.first, straight.first[2 * per_epoch:]):
         assert torch.equal(a, b)
     assert list(hist["marker"]) == [7.0, 7.0, 7.0]
+
+
+# ------------------------------------------------------------------------------- distillation
+
+def test_distillation_needs_teacher_and_alpha(mnist):
+    train, test = loaders(mnist, n_train=128, bs=64)
+    with pytest.raises(ValueError, match="teacher"):
+        fit(small_mlp(), train, test, TrainConfig(epochs=1, distill_alpha=0.5), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="teacher"):
+        fit(small_mlp(), train, test, TrainConfig(epochs=1), device="cpu", progress=False, teacher=small_mlp())
+    with pytest.raises(ValueError, match="distill_alpha"):
+        TrainConfig(distill_alpha=1.5)
+
+
+def test_distill_loss_values():
+    from elastictrain.train import _distill
+    out = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher = nn.Identity()
+    ce = torch.tensor(1.25)
+    cfg = TrainConfig(distill_alpha=0.75, distill_temperature=2.0)
+    # the student equal to the teacher: KL = 0, only the CE part remains
+    assert _distill(ce, out, teacher, out, cfg).item() == pytest.approx(0.25 * 1.25)
+    t_logits = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    p_t = F.softmax(t_logits / 2, 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(out / 2, 1))).sum(1).mean()
+    assert _distill(ce, out, teacher, t_logits, cfg).item() == pytest.approx(0.25 * 1.25 + 0.75 * 4 * kl.item(), rel=1e-6)
+
+
+def test_distillation_pulls_the_student_towards_the_teacher(mnist):
+    train, test = loaders(mnist, n_train=512, bs=64)
+    teacher, _ = fit(small_mlp(), train, test, TrainConfig(epochs=2, lr=0.05), device="cpu", progress=False)
+    plain, _ = fit(small_mlp(1), train, test, TrainConfig(epochs=1, lr=0.05), device="cpu", progress=False)
+    kd, _ = fit(small_mlp(1), train, test, TrainConfig(epochs=1, lr=0.05, distill_alpha=1.0), device="cpu",
+                progress=False, teacher=teacher)
+    x = next(iter(test))[0]
+
+    def gap(m):
+        with torch.no_grad():
+            return F.kl_div(F.log_softmax(m(x), 1), F.log_softmax(teacher(x), 1), log_target=True,
+                            reduction="batchmean").item()
+    assert gap(kd) < gap(plain)
+
+
+def test_compiled_forward_is_skipped_while_deferred():
+    from elastictrain.train import _Compiled
+    m = small_mlp()
+    c = _Compiled("reduce-overhead")
+    assert c(m, eager=True) is m and c.source is None      # nothing compiled while deferred
+    assert _Compiled(None)(m) is m                         # no mode: always the eager module

@@ -46,9 +46,9 @@ class DenseConfig:
 
 # Recipes: GPU-resident data, bf16, one-cycle SGD with Nesterov momentum and label smoothing 0.1.
 # ResNet-56 keeps batch 256 (its thin layers lose accuracy at large batches). Its step is bound by
-# kernel launches (~21 ms at batch 256 and 512 alike on an H200); the committed run used
-# compile="default", which measured no faster than eager; "reduce-overhead" (CUDA graphs) measured
-# 2.6x faster (README, benchmark), so later ResNet-56 rows use that. The MLP sees ±2 px translations
+# kernel launches (~21 ms at batch 256 and 512 alike on an H200): compile="default" measured no
+# faster than eager (notebook 00's committed run used it, 825 s), "reduce-overhead" (CUDA graphs)
+# 2.6x faster (README, benchmark), so the checkpoint the CUP rows start from is trained with it. The MLP sees ±2 px translations
 # (CUP used no augmentation; an MLP overfits MNIST within 30 epochs without it).
 DENSE = {
     "vgg16": DenseConfig(
@@ -58,7 +58,7 @@ DENSE = {
         paper_source="ElasticTrain publishes no dense figure (spec §6 expects 93.8–94.2)"),
     "resnet56": DenseConfig(
         "resnet56", "cifar10", 256,
-        TrainConfig(epochs=200, lr=0.2, weight_decay=5e-4, label_smoothing=0.1, compile="default"),
+        TrainConfig(epochs=200, lr=0.2, weight_decay=5e-4, label_smoothing=0.1, compile="reduce-overhead"),
         target_accuracy=93.5, paper_accuracy=93.67, paper_source="CUP ResNet-56 base (best of 160 epochs)"),
     "mlp": DenseConfig(
         "mlp", "mnist", 128,

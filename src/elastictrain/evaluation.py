@@ -107,12 +107,14 @@ def shipped_summary(result: dict) -> str:
     ])
 
 
-def ship(model, row: str, *, smoke: bool, accuracy: float, test_images: int, ratio: float, **extra) -> Path:
+def ship(model, row: str, *, smoke: bool, accuracy: float, test_images: int, ratio: float, quant=None,
+         **extra) -> Path:
     """Write a row's final model as ``TrainedModels/<row>.etm`` with what its run measured; a smoke
-    run writes to a temporary folder instead and never touches ``TrainedModels/``."""
+    run writes to a temporary folder instead and never touches ``TrainedModels/``. ``quant`` (a
+    ``quant.QuantSpec``) stores the weights as codes into its codebooks (``storage.save_compressed``)."""
     folder = Path(tempfile.mkdtemp(prefix=f"smoke-{row}-")) if smoke else trained_models_dir()
     meta = {"row": row, "accuracy": round(accuracy, 2), "test_images": test_images, "ratio": ratio,
             "smoke": smoke, "torch": torch.__version__, **extra}
     path = folder / f"{row}.etm"
-    save_compressed(model.cpu(), path, meta)
+    save_compressed(model.cpu(), path, meta, quant=quant)
     return path

@@ -27,6 +27,33 @@ def layer_table(model: nn.Module) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def kernel_supports(model: nn.Module) -> pd.DataFrame:
+    """Surviving 3×3 kernels per layer and support: one column per distinct support (a 9-bit code,
+    bit i = position i of the kernel in raster order). A pattern row keeps exactly its library's
+    supports, so the column count is at most the library size."""
+    counts = {}
+    for name, w in prunable_weights(model).items():
+        if w.dim() != 4 or w.shape[2:] != (3, 3):
+            continue
+        nz = w.detach().flatten(0, 1).flatten(1).ne(0)
+        codes = (nz.long() << torch.arange(9, device=nz.device)).sum(1)
+        code, n = codes[nz.any(1)].unique(return_counts=True)
+        counts[name] = dict(zip(code.tolist(), n.tolist()))
+    table = pd.DataFrame.from_dict(counts, orient="index").fillna(0).astype(int)
+    return table[sorted(table.columns, key=lambda c: -table[c].sum())]
+
+
+def block_nonzeros(model: nn.Module, structure) -> dict[str, torch.Tensor]:
+    """Non-zeros in each block of ``structure`` (e.g. WORKLOAD's 16×4 grid), per conv/linear
+    weight: the ModelEval workload printout. A balanced row has one value per layer."""
+    from .prune.structure import as_4d_shape, blocks
+    out = {}
+    for name, w in prunable_weights(model).items():
+        w4 = w.detach() if w.dim() == 4 else w.detach().reshape(as_4d_shape(w.shape))
+        out[name] = blocks(w4.ne(0).float(), structure).sum(1).long()
+    return out
+
+
 def count_weights(model: nn.Module) -> tuple[int, int]:
     """(conv+linear weight count, non-zeros among them)."""
     ws = prunable_weights(model).values()

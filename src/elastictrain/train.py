@@ -39,6 +39,10 @@ class TrainConfig:
     checkpoint_every: int = 10          # epochs between resumable checkpoints (when a path is given)
     seed: int = 0
     compile: str | None = None          # torch.compile mode for the training forward (CUDA only), e.g. "default"
+    # Knowledge distillation from a teacher passed to ``fit`` (not in ElasticTrain; spec §5.8 lists it
+    # as an extension): loss = (1 - alpha)·CE + alpha·T²·KL(teacher_T || student_T).
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
 
     def __post_init__(self):
         if self.schedule not in ("onecycle", "cosine", "step", "constant"):
@@ -46,6 +50,9 @@ class TrainConfig:
         if self.epochs < 1 or self.lr <= 0 or not 0 <= self.warmup or not self.warmup + self.hold < 1:
             raise ValueError(f"need epochs >= 1, lr > 0 and 0 <= warmup, warmup + hold < 1 (got "
                              f"{self.epochs}, {self.lr}, {self.warmup}, {self.hold})")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            raise ValueError(f"need 0 <= distill_alpha <= 1 and distill_temperature > 0 (got "
+                             f"{self.distill_alpha}, {self.distill_temperature})")
 
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
         total = self.epochs * steps_per_epoch
@@ -84,6 +91,9 @@ class TrainState:
     step: int = 0            # optimiser steps completed
     history: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)   # callbacks add per-epoch columns here
+    # A callback that keeps changing the architecture (CUP-SS while pruning) sets this so the
+    # epoch runs eager: recompiling (CUDA graphs) every epoch would cost more than it saves.
+    defer_compile: bool = False
 
     def rebuild_optimizer(self):
         self.optimizer = make_optimizer(self.model, self.config)
@@ -117,7 +127,8 @@ def prepare_model(model: nn.Module, device) -> nn.Module:
 
 
 def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, callbacks=(),
-        device=None, checkpoint_path=None, progress=True) -> tuple[nn.Module, pd.DataFrame]:
+        device=None, checkpoint_path=None, progress=True, teacher: nn.Module | None = None
+        ) -> tuple[nn.Module, pd.DataFrame]:
     """Train ``model`` and return ``(model, history)``; history has one row per epoch.
 
     With ``checkpoint_path``, a resumable checkpoint is written atomically every
@@ -139,6 +150,11 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batch: the split is smaller than one batch "
                          "(lower the batch size or use more training images)")
+    if (teacher is None) != (config.distill_alpha == 0):
+        raise ValueError("distillation needs both a teacher and distill_alpha > 0 (got "
+                         f"teacher={'a model' if teacher is not None else None}, alpha={config.distill_alpha})")
+    if teacher is not None:
+        teacher = prepare_model(teacher, device).eval().requires_grad_(False)
     compiled = _Compiled(config.compile if device.type == "cuda" else None)
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
                disable=not progress, file=sys.stdout, mininterval=5.0, desc="epochs")
@@ -156,8 +172,10 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
             for g in state.optimizer.param_groups:
                 g["lr"] = lr
             with _autocast(device):
-                out = compiled(state.model)(x)
+                out = compiled(state.model, eager=state.defer_compile)(x)
                 loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+                if teacher is not None:
+                    loss = _distill(loss, out, teacher, x, config)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
@@ -199,12 +217,21 @@ class _Compiled:
     def __init__(self, mode):
         self.mode, self.source, self.fn = mode, None, None
 
-    def __call__(self, model):
-        if self.mode is None:
+    def __call__(self, model, eager=False):
+        if self.mode is None or eager:
             return model
         if model is not self.source:
             self.source, self.fn = model, torch.compile(model, mode=self.mode)
         return self.fn
+
+
+def _distill(ce, out, teacher, x, config):
+    with torch.no_grad():
+        target = F.log_softmax(teacher(x).float() / config.distill_temperature, dim=1)
+    student = F.log_softmax(out.float() / config.distill_temperature, dim=1)
+    kl = F.kl_div(student, target, log_target=True, reduction="batchmean")
+    a = config.distill_alpha
+    return (1 - a) * ce + a * config.distill_temperature ** 2 * kl
 
 
 def _save(state, path, callbacks, loader):

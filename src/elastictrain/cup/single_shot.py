@@ -11,12 +11,20 @@ from .surgery import cup_prune
 
 
 class CupSS(Callback):
+    """``wd_after_stop``: our option, not the paper's. t is an absolute weight-norm distance, so the
+    weight decay shapes when the budget is reached and must stay the paper's (1e-4) while pruning
+    runs; once the architecture is final, t no longer matters and a stronger decay may generalise
+    better. It is set on the optimiser built at the stopping epoch (resumes restore it with the
+    optimiser's state)."""
+
     def __init__(self, k: float, *, b: float = 0.0, offset: int = 1, max_params: int | None = None,
-                 max_flops: int | None = None, use_bias: bool | None = None):
+                 max_flops: int | None = None, use_bias: bool | None = None,
+                 wd_after_stop: float | None = None):
         if (max_params is None) == (max_flops is None):
             raise ValueError("give exactly one budget: max_params (VGG16 0.90M) or max_flops (ResNet-56 0.12G)")
         self.k, self.b, self.offset = k, b, offset
         self.max_params, self.max_flops, self.use_bias = max_params, max_flops, use_bias
+        self.wd_after_stop = wd_after_stop
         self.active, self.stopped_at = True, None
 
     def t_at(self, epoch: int) -> float:
@@ -33,6 +41,13 @@ class CupSS(Callback):
             params, flops = count_params(state.model), count_flops(state.model)
             if (params <= self.max_params) if self.max_params is not None else (flops <= self.max_flops):
                 self.active, self.stopped_at = False, e
+                if self.wd_after_stop is not None:
+                    for g in state.optimizer.param_groups:
+                        if g["weight_decay"] > 0:  # the no-decay group (BN, biases), if any, stays at 0
+                            g["weight_decay"] = self.wd_after_stop
+        # The shapes change at every pruning epoch: fit runs the eager model while this is set, so
+        # torch.compile (CUDA graphs for ResNet-56) compiles once, for the final architecture.
+        state.defer_compile = self.active
         state.metrics["params"] = count_params(state.model)
         state.metrics["flops"] = count_flops(state.model)
 

@@ -30,10 +30,18 @@ class PruneRecipe:
     ramp_epochs: int                # density falls from the start model's to 1/ratio over these
     train: TrainConfig              # epochs = ramp + fine-tuning
     base: str = "vgg16"             # a baselines.DENSE key, or a row id to continue from
+    teacher: str | None = None      # a baselines.DENSE key to distil from (train.distill_alpha > 0)
     batch_size: int = 512
     pattern_size: int = 8
     smoke_train_images: int = 256
     smoke_test_images: int = 200
+
+    def __post_init__(self):
+        if (self.teacher is None) != (self.train.distill_alpha == 0):
+            raise ValueError("a teacher needs train.distill_alpha > 0 and distill_alpha needs a teacher "
+                             f"(got teacher={self.teacher!r}, distill_alpha={self.train.distill_alpha})")
+        if self.teacher is not None and self.teacher not in baselines.DENSE:
+            raise ValueError(f"teacher must be one of {sorted(baselines.DENSE)}, not {self.teacher!r}")
 
     def smoke(self) -> "PruneRecipe":
         return dataclasses.replace(self, ramp_epochs=1, batch_size=64, train=dataclasses.replace(
@@ -73,8 +81,12 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
     run_state = (Path(tempfile.mkdtemp(prefix=f"smoke-{recipe.row}-run-")) if smoke
                  else checkpoints.checkpoints_dir()) / f".{recipe.row}.run"
     masks = MaskCallback(recipe.spec, 1 / recipe.ratio, recipe.ramp_epochs, pattern_size=recipe.pattern_size)
+    teacher = None
+    if recipe.teacher is not None:  # a fresh copy: the start model may be this very dense network
+        dense = baselines.train_dense(baselines.DENSE[recipe.teacher], smoke=smoke, device=device, progress=False)
+        teacher, base["teacher_accuracy"] = dense.model, round(dense.accuracy, 2)
     model, history = fit(model, train_loader, test_loader, recipe.train, callbacks=[masks], device=device,
-                         checkpoint_path=run_state, progress=progress)
+                         checkpoint_path=run_state, progress=progress, teacher=teacher)
     accuracy = evaluate(model, test_loader)["top1"]
     total, nonzero = count_weights(model)
     path = ship(model, recipe.row, smoke=smoke, accuracy=accuracy, test_images=len(test_loader.labels),

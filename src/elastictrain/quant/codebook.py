@@ -57,11 +57,13 @@ def build_codebook(w: torch.Tensor, spec: QuantSpec, seed: int = 0):
 class SharedWeight(nn.Module):
     """Parametrization: the weight is ``codebook.flatten()[codes]`` at ``positions``, zero elsewhere."""
 
-    def __init__(self, shape, positions, codes):
+    def __init__(self, shape, positions, codes, n_entries):
         super().__init__()
         self.shape = tuple(shape)
         self.register_buffer("positions", positions)
         self.register_buffer("codes", codes)
+        # members per codebook entry (at least 1): a buffer, so it follows the model to its device
+        self.register_buffer("members", torch.bincount(codes, minlength=n_entries).clamp_min(1).float())
 
     def forward(self, codebook):
         vals = codebook.flatten()[self.codes]
@@ -72,17 +74,28 @@ class SharedWeight(nn.Module):
         return codebook  # the parametrized module's original *is* the codebook
 
 
-def quantize_(model: nn.Module, spec: QuantSpec, seed: int = 0) -> dict:
-    """Share weights in place; returns the initial codebooks by weight name."""
+def quantize_(model: nn.Module, spec: QuantSpec, seed: int = 0, grad: str = "sum") -> dict:
+    """Share weights in place; returns the initial codebooks by weight name.
+
+    ``grad="sum"``: a centroid's gradient is the sum of its members' (the true gradient, Deep
+    Compression's). ``"mean"`` divides it by the member count, i.e. the step an SGD step on the free
+    weights would take once projected onto "all members equal": a centroid of a 1000-member cluster
+    then moves as far as one weight would, instead of 1000 times as far at the same learning rate.
+    """
+    if grad not in ("sum", "mean"):
+        raise ValueError(f"grad must be 'sum' or 'mean', not {grad!r}")
     books = {}
     modules = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     for name, w in prunable_weights(model).items():
         codebook, pos, codes = build_codebook(w, spec, seed)
         mod = modules[name]
         device = w.device
-        parametrize.register_parametrization(
-            mod, "weight", SharedWeight(w.shape, pos.to(device), codes.to(device)), unsafe=True)
+        shared = SharedWeight(w.shape, pos.to(device), codes.to(device), codebook.numel())
+        parametrize.register_parametrization(mod, "weight", shared, unsafe=True)
         mod.parametrizations.weight.original = nn.Parameter(codebook.to(device))
+        if grad == "mean":
+            mod.parametrizations.weight.original.register_hook(
+                lambda g, s=shared: g / s.members.view_as(g))
         books[name] = codebook
     model.quant_spec = spec
     return books
@@ -108,3 +121,18 @@ def unique_per_group(w: torch.Tensor, structure: Structure) -> torch.Tensor:
     flat = w.detach().flatten().cpu()
     return torch.tensor([int(torch.unique(flat[(ids == g) & (flat != 0)]).numel())
                          for g in range(int(ids.max()) + 1)])
+
+
+def group_table(model: nn.Module, structure: Structure):
+    """One row per conv/linear weight: its codebook groups, the non-empty ones, and the distinct
+    non-zero values per group (max, and how many groups hold 1, 2, … values)."""
+    import pandas as pd
+    rows = []
+    for name, w in prunable_weights(model).items():
+        u = unique_per_group(w, structure)
+        row = {"layer": name, "groups": len(u), "non_empty": int((u > 0).sum()),
+               "nonzeros": int((w != 0).sum()), "max_unique": int(u.max())}
+        row.update({f"with_{k}": int((u == k).sum()) for k in range(1, int(u.max()) + 1)})
+        rows.append(row)
+    table = pd.DataFrame(rows).fillna(0)
+    return table.astype({c: int for c in table.columns if c != "layer"})

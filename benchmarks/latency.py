@@ -1,0 +1,52 @@
+"""Inference latency of every shipped CUP model (TrainedModels/C*.etm) against its unpruned
+architecture: CPU batch 1 and, when CUDA is available, GPU batch 512, float32, same machine and
+process (elastictrain.cup.speed.compare). Prints the table beside each row's FLOPs reduction and
+writes it to --out as CSV and markdown (the suffix is replaced by .csv and .md).
+
+    python benchmarks/latency.py --out results/cup_latency [--dir TrainedModels] [--threads N]
+
+Run it on an otherwise idle machine: a GPU shared with training runs gives meaningless times.
+"""
+import argparse
+import platform
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from elastictrain.cup.speed import compare, to_markdown
+from elastictrain.evaluation import trained_models_dir
+from elastictrain.storage import load_compressed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output path; .csv and .md are written beside it")
+    p.add_argument("--dir", default=None, help="folder of .etm files (default: TrainedModels/)")
+    p.add_argument("--pattern", default="C*.etm")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--reps", type=int, default=50)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    files = sorted(Path(args.dir or trained_models_dir()).glob(args.pattern))
+    if not files:
+        print(f"no {args.pattern} in {args.dir or trained_models_dir()}")
+        return 1
+    rows = [compare(load_compressed(f), row=f.stem, cpu_reps=args.reps, gpu_reps=args.reps) for f in files]
+    df = pd.DataFrame(rows)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    header = (f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+              f"GPU: {gpu}; torch {torch.__version__}; float32, median of {args.reps} forwards, best of 3 rounds")
+    print(header)
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out.with_suffix(".csv"), index=False)
+    out.with_suffix(".md").write_text(header + "\n\n" + to_markdown(df) + "\n")
+    print("wrote", out.with_suffix(".csv"), out.with_suffix(".md"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Full reproduction: every row notebook executed in full mode, in dependency order, several at a
+time on one GPU (~35 GPU-minutes on one H100 or H200; serially it would be ~50).
+
+Several CIFAR trainings share one GPU well: ResNet-56 is bound by kernel launches, so its steps fit
+between VGG16's; a row never waits for more than the rows it starts from. The dense baselines are
+trained once, first, because every notebook that needs one reuses their checkpoint.
+
+    python scripts/reproduce.py --out results            # run everything, wait, report
+    python scripts/reproduce.py --out results 02 03 08   # only these (their dependencies must exist)
+    python scripts/reproduce.py --out results --detach   # start in the background and return
+    python scripts/reproduce.py --out results --wait 500 # wait up to 500 s, print the status
+
+Each job's log is ``<out>/<job>.log``, each executed notebook ``<out>/<notebook>.ipynb``, and
+``<out>/status.json`` says which jobs are pending, running, done or failed. A GPU call is capped at
+10 minutes; ``--detach`` lets the work outlive the call while later calls ``--wait`` on it.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dense(name):
+    return [sys.executable, "-c", "from elastictrain import baselines as b; "
+            f"r = b.train_dense(b.DENSE[{name!r}], smoke=False, progress=False); "
+            "print(f'final-epoch accuracy {r.accuracy:.2f}% in {r.train_time_s:.0f} s; sha256 {r.sha256}')"]
+
+
+def _notebook(name, out):
+    return ["papermill", str(ROOT / "notebooks" / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
+            "--cwd", str(ROOT / "notebooks"), "-k", "python3", "--log-output"]
+
+
+# job -> (dependencies, notebook or None for a dense baseline)
+JOBS = {
+    "dense-vgg16": ([], None),
+    "dense-resnet56": ([], None),
+    "02": ([], "02_vgg16_500x_unstructured"),
+    "03": (["02", "dense-vgg16"], "03_vgg16_1000x_unstructured"),
+    "04": (["dense-vgg16"], "04_vgg16_100x_kernel"),
+    "05": (["04"], "05_vgg16_500x_kernel"),
+    "06": (["dense-vgg16"], "06_vgg16_pattern"),
+    "07": (["dense-vgg16"], "07_vgg16_balanced_50x"),
+    "08": (["03"], "08_vgg16_8000x_quantized"),
+    "09": (["03"], "09_vgg16_16000x_quantized"),
+    "11": (["dense-vgg16"], "11_vgg16_cup_t090"),
+    "12": (["dense-vgg16"], "12_vgg16_cup_t095"),
+    "13": ([], "13_vgg16_cupss"),
+    "14": (["dense-resnet56"], "14_resnet56_cup"),
+    "15": ([], "15_resnet56_cupss"),
+}
+
+
+def run(selected, out: Path, poll_s=5.0):
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               PYTHONUNBUFFERED="1")
+    status = {j: "pending" for j in selected}
+    running, started, finished = {}, {}, {}
+
+    def save():
+        (out / "status.json").write_text(json.dumps({"status": status, "elapsed_s": {
+            j: round(finished.get(j, time.time()) - t0, 1) for j, t0 in started.items()}}, indent=1))
+
+    while any(s in ("pending", "running") for s in status.values()):
+        for job, proc in list(running.items()):
+            if proc.poll() is not None:
+                status[job] = "done" if proc.returncode == 0 else f"failed ({proc.returncode})"
+                finished[job] = time.time()
+                del running[job]
+        for job, s in status.items():
+            deps = JOBS[job][0]
+            if s == "pending" and all(status.get(d, "done") == "done" for d in deps):
+                nb = JOBS[job][1]
+                cmd = _notebook(nb, out) if nb else _dense(job.split("-", 1)[1])
+                log = open(out / f"{job}.log", "w")
+                running[job] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                status[job], started[job] = "running", time.time()
+            elif s == "pending" and any(status.get(d, "").startswith("failed") for d in deps):
+                status[job] = "skipped (a dependency failed)"
+        save()
+        time.sleep(poll_s)
+    save()
+    return status
+
+
+def wait(out: Path, timeout_s: float):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        st = json.loads((out / "status.json").read_text())["status"] if (out / "status.json").exists() else {}
+        if st and not any(s in ("pending", "running") for s in st.values()):
+            break
+        time.sleep(5)
+    print((out / "status.json").read_text() if (out / "status.json").exists() else "no status yet")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("jobs", nargs="*", help=f"jobs to run (default: all of {', '.join(JOBS)})")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--detach", action="store_true", help="run in a new session and return at once")
+    ap.add_argument("--wait", type=float, metavar="SECONDS", help="only wait for a detached run")
+    a = ap.parse_args()
+    if a.wait is not None:
+        return wait(a.out, a.wait)
+    unknown = [j for j in a.jobs if j not in JOBS]
+    if unknown:
+        ap.error(f"unknown jobs {unknown}; known: {list(JOBS)}")
+    if a.detach:
+        a.out.mkdir(parents=True, exist_ok=True)
+        subprocess.Popen([sys.executable, __file__, "--out", str(a.out), *a.jobs], start_new_session=True,
+                         stdout=open(a.out / "reproduce.log", "w"), stderr=subprocess.STDOUT)
+        return print(f"started in the background; follow {a.out}/status.json")
+    status = run(a.jobs or list(JOBS), a.out)
+    print(json.dumps(status, indent=1))
+    sys.exit(any(s != "done" for s in status.values()))
+
+
+if __name__ == "__main__":
+    main()

@@ -71,7 +71,7 @@ def format_table(results: list[dict]) -> str:
         pa = "—" if r["paper_accuracy"] is None else f"{r['paper_accuracy']:.2f}"
         pc = "—" if r["paper_compression"] is None else f"{r['paper_compression']:g}"
         lines.append(f"{r['row']:<5} {str(r['description'])[:38]:<38} {pa:>9} {r['accuracy']:>8.2f} {pc:>8} "
-                     f"{r['compression']:>9.1f} {r['file_bytes']:>11,} {r['honest_compression']:>9.1f}")
+                     f"{r['compression']:>9.2f} {r['file_bytes']:>11,} {r['honest_compression']:>9.1f}")
     return "\n".join(lines)
 
 

@@ -288,7 +288,8 @@ def test_quant_row_smoke_ships_exactly_the_measured_model(tmp_path, monkeypatch)
         pytest.skip(str(e))
     start = sparse_vgg(density=0.05)
     save_compressed(start, tmp_path / "S.etm", {"accuracy": 50.0})
-    monkeypatch.setattr(qr, "trained_models_dir", lambda: tmp_path)
+    from elastictrain import evaluation
+    monkeypatch.setattr(evaluation, "trained_models_dir", lambda: tmp_path)  # where load_shipped looks
     spec = QuantSpec(2, WORKLOAD)
     r = qr.run_quant_row(qr.QuantRecipe(row="E6", base="S", spec=spec, train=TrainConfig(epochs=3, lr=0.01),
                                         smoke_train_images=128, smoke_test_images=100),

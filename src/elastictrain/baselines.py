@@ -68,6 +68,23 @@ DENSE = {
 }
 
 
+def check_teacher(teacher: str | None, train: TrainConfig):
+    """A row recipe distils from ``teacher`` (a DENSE key) exactly when its config weighs distillation."""
+    if (teacher is None) != (train.distill_alpha == 0):
+        raise ValueError("a teacher needs train.distill_alpha > 0 and distill_alpha needs a teacher "
+                         f"(got teacher={teacher!r}, distill_alpha={train.distill_alpha})")
+    if teacher is not None and teacher not in DENSE:
+        raise ValueError(f"teacher must be one of {sorted(DENSE)}, not {teacher!r}")
+
+
+def teacher_model(teacher: str | None, *, smoke: bool, device) -> tuple:
+    """``(model, accuracy)`` of the dense teacher (its finished checkpoint when present), or ``(None, None)``."""
+    if teacher is None:
+        return None, None
+    dense = train_dense(DENSE[teacher], smoke=smoke, device=device, progress=False)
+    return dense.model, round(dense.accuracy, 2)
+
+
 def environment() -> dict:
     """What the run ran on, printed in every notebook header."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"

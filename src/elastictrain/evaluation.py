@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import sha256_file
 from .flops import count_flops, count_params
 from .metrics import count_weights, dense_fp32_bytes, paper_compression
 from .models import create_model
@@ -22,6 +23,13 @@ def trained_models_dir() -> Path:
     """``./TrainedModels`` when run from a checkout, else the one beside the source tree."""
     here = Path.cwd() / "TrainedModels"
     return here if here.is_dir() else Path(__file__).resolve().parents[2] / "TrainedModels"
+
+
+def load_shipped(row: str) -> tuple:
+    """``(model, base record)`` for a row that continues from ``TrainedModels/<row>.etm``."""
+    path = trained_models_dir() / f"{row}.etm"
+    model = load_compressed(path)
+    return model, {"base": row, "base_sha256": sha256_file(path), "base_accuracy": model.meta.get("accuracy")}
 
 
 def shipped_models(folder=None) -> list[Path]:

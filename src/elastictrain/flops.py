@@ -198,3 +198,10 @@ def flops_reduction(base_flops: float, pruned_flops: float) -> float:
         ``base_flops / pruned_flops`` (e.g. 2.0 means half the FLOPs).
     """
     return base_flops / pruned_flops
+
+
+def reduction(model: nn.Module) -> tuple[float, float]:
+    """(FR, PR) of a CUP-pruned model against its unpruned architecture (the registry's defaults)."""
+    from .models import create_model  # the models do not need this module; keep the import one-way
+    dense = create_model(model.arch["name"])
+    return count_flops(dense) / count_flops(model), count_params(dense) / count_params(model)

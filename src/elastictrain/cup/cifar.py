@@ -25,7 +25,7 @@ import torch
 from .. import baselines, checkpoints
 from ..data import make_loaders
 from ..evaluation import ship
-from ..flops import count_flops, count_params
+from ..flops import count_flops, count_params, reduction
 from ..models import create_model
 from ..train import TrainConfig, default_device, evaluate, fit, recalibrate_bn
 from .single_shot import CupSS
@@ -115,12 +115,6 @@ def _loaders(cfg, smoke, device, seed):
 def _run_state(row, smoke) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=f"smoke-{row}-run-")) if smoke else checkpoints.checkpoints_dir()
     return folder / f".{row}.run"
-
-
-def reduction(model) -> tuple[float, float]:
-    """(FR, PR) against the unpruned architecture, exactly as ``evaluation.measure`` derives them."""
-    dense = create_model(model.arch["name"])
-    return count_flops(dense) / count_flops(model), count_params(dense) / count_params(model)
 
 
 def layer_widths(model) -> pd.DataFrame:

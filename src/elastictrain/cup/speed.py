@@ -9,7 +9,7 @@ or load change affects both alike.
 import pandas as pd
 import torch
 
-from ..flops import count_flops
+from ..flops import reduction
 from ..metrics import latency_ms
 from ..models import create_model
 
@@ -24,7 +24,7 @@ def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu
     dense = create_model(model.arch["name"]).eval()
     model = model.eval()
     shape = input_shape(model)
-    fr = count_flops(dense) / count_flops(model)
+    fr = reduction(model)[0]
     out = {"row": row, "arch": model.arch["name"], "FR": fr}
     targets = [("cpu", 1, cpu_reps)] + ([("cuda", gpu_batch, gpu_reps)] if torch.cuda.is_available() else [])
     for device, batch, reps in targets:

@@ -14,9 +14,8 @@ import torch
 
 from .. import baselines, checkpoints
 from ..data import make_loaders
-from ..evaluation import ship, trained_models_dir
+from ..evaluation import load_shipped, ship
 from ..metrics import count_weights
-from ..storage import load_compressed
 from ..train import TrainConfig, default_device, evaluate, fit
 from .masks import PruneSpec
 from .schedule import MaskCallback
@@ -37,11 +36,7 @@ class PruneRecipe:
     smoke_test_images: int = 200
 
     def __post_init__(self):
-        if (self.teacher is None) != (self.train.distill_alpha == 0):
-            raise ValueError("a teacher needs train.distill_alpha > 0 and distill_alpha needs a teacher "
-                             f"(got teacher={self.teacher!r}, distill_alpha={self.train.distill_alpha})")
-        if self.teacher is not None and self.teacher not in baselines.DENSE:
-            raise ValueError(f"teacher must be one of {sorted(baselines.DENSE)}, not {self.teacher!r}")
+        baselines.check_teacher(self.teacher, self.train)
 
     def smoke(self) -> "PruneRecipe":
         return dataclasses.replace(self, ramp_epochs=1, batch_size=64, train=dataclasses.replace(
@@ -63,10 +58,7 @@ def _start_model(recipe, smoke, device):
         dense = baselines.train_dense(baselines.DENSE[recipe.base], smoke=smoke, device=device, progress=False)
         return dense.model, {"base": recipe.base, "base_sha256": dense.sha256,
                              "base_accuracy": round(dense.accuracy, 2)}
-    path = trained_models_dir() / f"{recipe.base}.etm"
-    model = load_compressed(path)
-    return model, {"base": recipe.base, "base_sha256": checkpoints.sha256_file(path),
-                   "base_accuracy": model.meta.get("accuracy")}
+    return load_shipped(recipe.base)
 
 
 def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> RowResult:
@@ -81,10 +73,10 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
     run_state = (Path(tempfile.mkdtemp(prefix=f"smoke-{recipe.row}-run-")) if smoke
                  else checkpoints.checkpoints_dir()) / f".{recipe.row}.run"
     masks = MaskCallback(recipe.spec, 1 / recipe.ratio, recipe.ramp_epochs, pattern_size=recipe.pattern_size)
-    teacher = None
-    if recipe.teacher is not None:  # a fresh copy: the start model may be this very dense network
-        dense = baselines.train_dense(baselines.DENSE[recipe.teacher], smoke=smoke, device=device, progress=False)
-        teacher, base["teacher_accuracy"] = dense.model, round(dense.accuracy, 2)
+    # A model of its own: the start model may be this very dense network, which training changes.
+    teacher, teacher_accuracy = baselines.teacher_model(recipe.teacher, smoke=smoke, device=device)
+    if teacher is not None:
+        base["teacher_accuracy"] = teacher_accuracy
     model, history = fit(model, train_loader, test_loader, recipe.train, callbacks=[masks], device=device,
                          checkpoint_path=run_state, progress=progress, teacher=teacher)
     accuracy = evaluate(model, test_loader)["top1"]

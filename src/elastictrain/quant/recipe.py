@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import baselines, checkpoints
+from .. import baselines
 from ..data import make_loaders
-from ..evaluation import ship, trained_models_dir
+from ..evaluation import load_shipped, ship
 from ..metrics import count_weights
 from ..models.common import prunable_weights
 from ..storage import load_compressed
@@ -44,11 +44,7 @@ class QuantRecipe:
     smoke_test_images: int = 200
 
     def __post_init__(self):
-        if (self.teacher is None) != (self.train.distill_alpha == 0):
-            raise ValueError("a teacher needs train.distill_alpha > 0 and distill_alpha needs a teacher "
-                             f"(got teacher={self.teacher!r}, distill_alpha={self.train.distill_alpha})")
-        if self.teacher is not None and self.teacher not in baselines.DENSE:
-            raise ValueError(f"teacher must be one of {sorted(baselines.DENSE)}, not {self.teacher!r}")
+        baselines.check_teacher(self.teacher, self.train)
 
     def smoke(self) -> "QuantRecipe":
         return dataclasses.replace(self, batch_size=64, recal_batches=2, train=dataclasses.replace(
@@ -82,10 +78,7 @@ def run_quant_row(recipe: QuantRecipe, *, smoke: bool, device=None, progress=Tru
     device = torch.device(device or default_device())
     if smoke:
         recipe = recipe.smoke()
-    base_path = trained_models_dir() / f"{recipe.base}.etm"
-    model = load_compressed(base_path)
-    base = {"base": recipe.base, "base_sha256": checkpoints.sha256_file(base_path),
-            "base_accuracy": model.meta.get("accuracy")}
+    model, base = load_shipped(recipe.base)
     masks = {n: (w.detach() != 0).clone() for n, w in prunable_weights(model).items()}
     train_loader, test_loader = make_loaders(
         "cifar10", batch_size=recipe.batch_size, seed=recipe.train.seed, device=device,
@@ -95,10 +88,9 @@ def run_quant_row(recipe: QuantRecipe, *, smoke: bool, device=None, progress=Tru
     clustered = evaluate(model.to(device), test_loader)["top1"]
     # No resumable checkpoint: a row is ~1 minute of GPU time, a rerun is cheaper than resuming
     # a parametrized model.
-    teacher = None
-    if recipe.teacher is not None:
-        dense = baselines.train_dense(baselines.DENSE[recipe.teacher], smoke=smoke, device=device, progress=False)
-        teacher, base["teacher_accuracy"] = dense.model, round(dense.accuracy, 2)
+    teacher, teacher_accuracy = baselines.teacher_model(recipe.teacher, smoke=smoke, device=device)
+    if teacher is not None:
+        base["teacher_accuracy"] = teacher_accuracy
     model, history = fit(model, train_loader, test_loader, recipe.train, device=device, progress=progress,
                          teacher=teacher)
     bake_(model)

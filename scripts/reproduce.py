@@ -33,28 +33,32 @@ def _dense(name):
 
 
 def _notebook(name, out):
-    return ["papermill", str(ROOT / "notebooks" / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
+    # A row's notebook waits in notebooks_pending/ until its first full run has been committed.
+    src = next(p for d in ("notebooks", "notebooks_pending") if (p := ROOT / d / f"{name}.ipynb").exists())
+    return ["papermill", str(src), str(out / f"{name}.ipynb"),
             "--cwd", str(ROOT / "notebooks"), "-k", "python3", "--log-output"]
 
 
 # job -> (dependencies, notebook or None for a dense baseline), in the order jobs are started:
 # the longest chains first, so the last job to finish is not one that waited for a free slot.
 JOBS = {
+    "dense-resnet56": ([], None),
     "dense-vgg16": ([], None),
+    "14": (["dense-resnet56"], "14_resnet56_cup"),
+    "dense-vgg16_cup": ([], None),
+    "15": ([], "15_resnet56_cupss"),
+    "16": (["dense-vgg16"], "16_vgg16_robust"),
     "02": ([], "02_vgg16_500x_unstructured"),
     "04": (["dense-vgg16"], "04_vgg16_100x_kernel"),
     "03": (["02", "dense-vgg16"], "03_vgg16_1000x_unstructured"),
     "05": (["04"], "05_vgg16_500x_kernel"),
+    "11": (["dense-vgg16_cup"], "11_vgg16_cup_t090"),
+    "12": (["dense-vgg16_cup"], "12_vgg16_cup_t095"),
     "07": (["dense-vgg16"], "07_vgg16_balanced_50x"),
     "08": (["03"], "08_vgg16_8000x_quantized"),
     "09": (["03"], "09_vgg16_16000x_quantized"),
     "06": (["dense-vgg16"], "06_vgg16_pattern"),
     "13": ([], "13_vgg16_cupss"),
-    "11": (["dense-vgg16"], "11_vgg16_cup_t090"),
-    "12": (["dense-vgg16"], "12_vgg16_cup_t095"),
-    "dense-resnet56": ([], None),
-    "14": (["dense-resnet56"], "14_resnet56_cup"),
-    "15": ([], "15_resnet56_cupss"),
 }
 
 

@@ -69,6 +69,25 @@ def resnet50_hand(widths, num_classes=1000):
     return total
 
 
+def resnet_basic_imagenet_hand(blocks, widths, num_classes=1000):
+    """torchvision ResNet-18/34 at 224: stem conv 7x7/2 + BN + ReLU, MaxPool 3x3/2, BasicBlocks
+    (conv1 3x3, strided, with the prunable width; conv2 3x3 back to the stage width; a ReLU after
+    each), a 1x1 projection + BN where the shape changes, the 7x7 pool and the FC."""
+    total = 2 * 49 * 3 * 64 * 112 * 112 + 3 * 64 * 112 * 112 + 9 * 64 * 56 * 56
+    c_in, r, it = 64, 56, iter(widths)
+    for planes, n, stride in zip((64, 128, 256, 512), blocks, (1, 2, 2, 2)):
+        for b in range(n):
+            s = stride if b == 0 else 1
+            r_out = r // s
+            w, hw = next(it), r_out * r_out
+            total += (2 * 9 * c_in * w + 3 * w) * hw  # conv1, bn1, relu
+            total += (2 * 9 * w * planes + 3 * planes) * hw  # conv2, bn2, relu after the addition
+            if s != 1 or c_in != planes:
+                total += (2 * c_in * planes + 2 * planes) * hw  # projection + BN
+            c_in, r = planes, r_out
+    return total + 49 * 512 + 2 * 512 * num_classes + num_classes
+
+
 # ---------------------------------------------------------------- published baselines
 
 
@@ -95,6 +114,13 @@ def test_hand_counts_reproduce_baselines():
                           for _ in range(n)]) == 8_212_112_872
 
 
+
+def test_imagenet_basic_hand_counts_reproduce_baselines():
+    # The published ResNet-18/34 figures (cup.md §1.10) from the hand formula, independently of the hooks.
+    assert resnet_basic_imagenet_hand((2, 2, 2, 2), [64] * 2 + [128] * 2 + [256] * 2 + [512] * 2) == 3_637_254_632
+    assert resnet_basic_imagenet_hand((3, 4, 6, 3), [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3) == 7_340_393_960
+
+
 # ---------------------------------------------------------------- pruned models
 
 
@@ -111,6 +137,17 @@ def test_pruned_resnet56_hand_count():
 def test_pruned_resnet50_hand_count():
     widths = [(32, 32)] * 16
     assert count_flops(create_model("resnet50", widths=widths)) == resnet50_hand(widths)
+
+
+@pytest.mark.parametrize("name, blocks, widths", [
+    ("resnet18", (2, 2, 2, 2), [7, 64, 1, 100, 256, 3, 512, 20]),
+    ("resnet34", (3, 4, 6, 3), [5, 64, 33, 1, 128, 90, 2, 256, 17, 200, 3, 256, 40, 100, 512, 1]),
+])
+def test_pruned_resnet18_34_hand_count(name, blocks, widths):
+    model = create_model(name, widths=widths)
+    assert count_flops(model) == resnet_basic_imagenet_hand(blocks, widths)
+    # FLOPs of a 4-class head differ from the 1000-class one in the FC only
+    assert count_flops(model) - count_flops(create_model(name, widths=widths, num_classes=4)) == 2 * 512 * 996 + 996
 
 
 def test_pruned_mlp():

@@ -56,6 +56,15 @@ DENSE = {
         TrainConfig(epochs=150, lr=0.2, weight_decay=5e-4, label_smoothing=0.1),
         target_accuracy=93.5, paper_accuracy=None,
         paper_source="ElasticTrain publishes no dense figure (spec §6 expects 93.8–94.2)"),
+    # The start of the VGG16 CUP rows (C2/C3): CUP's own model (init, ImageNet mean/std) and its weight
+    # decay 1e-4, without label smoothing. t is a distance between filter-norm features, and our
+    # wd-5e-4 model had near-zero filters in convs 8-12 that Ward merged into a handful of dead
+    # ones, from which retraining never left 10% (notebook 11, session 2).
+    "vgg16_cup": DenseConfig(
+        "vgg16_cup", "cifar10", 512,
+        TrainConfig(epochs=150, lr=0.2, weight_decay=1e-4),
+        target_accuracy=93.5, paper_accuracy=93.64,
+        paper_source="CUP VGG16 base (best of 160 epochs)"),
     "resnet56": DenseConfig(
         "resnet56", "cifar10", 256,
         TrainConfig(epochs=200, lr=0.2, weight_decay=5e-4, label_smoothing=0.1, compile="reduce-overhead"),

@@ -63,7 +63,7 @@ def load_split(dataset: str, train: bool, root=None) -> Split:
         images, labels = ds.data.unsqueeze(1), ds.targets.to(torch.int64)
     else:
         raise ValueError(f"unknown dataset {dataset!r}; expected 'cifar10' or 'mnist' "
-                         "(ImageNet is read with imagenet_folder())")
+                         "(ImageNet is read with elastictrain.imagenet.make_loaders)")
     return Split(images, labels, f"{dataset}/{split}")
 
 
@@ -139,20 +139,8 @@ def make_loaders(dataset: str, *, batch_size: int = 512, eval_batch_size: int = 
 
 
 def imagenet_folder(root, split: str):
-    """ImageNet as torchvision's ImageFolder over ``root/{train,val}/<wnid>/*.JPEG``.
-
-    Standard transforms: RandomResizedCrop(224) + flip for train, Resize(256) + CenterCrop(224)
-    for val, ToTensor only (normalisation is the model's first layer).
-    """
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-    folder = Path(root).expanduser() / split
-    classes = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
-    if not classes:
-        raise DatasetMissingError(
-            f"no ImageNet {split} split at {folder.resolve()}: expected {Path(root)}/train/<class>/*.JPEG "
-            f"and {Path(root)}/val/<class>/*.JPEG (one folder per class, as torchvision's ImageFolder "
-            "reads them; the val images must be sorted into class folders first).")
-    tf = (T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()]) if split == "train"
-          else T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()]))
-    return ImageFolder(str(folder), transform=tf)
+    """ImageNet ``split`` ('train' or 'val') of an ImageFolder root as a dataset of (float image in
+    [0, 1], label) with the standard transforms at 224 px: ``imagenet.ImageFolderSplit``, which
+    also documents the layout. Training reads it through ``imagenet.make_loaders``."""
+    from .imagenet import ImageFolderSplit
+    return ImageFolderSplit(root, split, dtype=torch.float32)

@@ -1,6 +1,6 @@
 """The rows this repository reproduces: id → notebook, the paper's figure, and what counts as success.
 
-The paper figures are the ones in ../shared/spec (ElasticTrain early README, CUP notebooks). Each
+The paper figures are the ones in ../shared/spec (ElasticTrain early README, CUP notebooks, DNR). Each
 shipped model in ``TrainedModels/`` is named ``<row id>.etm`` and is matched to its row here.
 """
 from dataclasses import dataclass
@@ -36,4 +36,9 @@ ROWS = {r.id: r for r in [
     Row("C6", "14_resnet56_cup", "CUP", "ResNet-56 CUP t=0.80", "cifar10", 93.27, 2.68, "FR"),
     Row("C7", "14_resnet56_cup", "CUP", "ResNet-56 CUP t=0.825", "cifar10", 92.60, 3.00, "FR"),
     Row("C8", "15_resnet56_cupss", "CUP", "ResNet-56 CUP-SS k=0.02", "cifar10", 93.36, 2.11, "FR"),
+    # Adversarially trained (DNR's hybrid loss, PGD-7 at eps 8/255); the paper figure is DNR's clean
+    # accuracy of its VGG16 at density 0.05. DNR prunes unstructured: for R2 it is the closest anchor.
+    Row("R1", "16_vgg16_robust", "DNR", "VGG16 robust ≥20× unstructured", "cifar10", 86.74, 20, "paper-style"),
+    Row("R2", "16_vgg16_robust", "DNR", "VGG16 robust ≥20× kernel (DNR is unstructured)", "cifar10", 86.74, 20,
+        "paper-style"),
 ]}

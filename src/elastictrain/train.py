@@ -4,6 +4,11 @@ Fast path on CUDA: data resident on the GPU (``data.GpuLoader``), bf16 autocast,
 large batches. The learning rate is a pure function of the step, so resuming needs no scheduler
 state and a callback may swap the model or optimiser mid-run (CUP-SS rebuilds both when it prunes).
 Pruning masks, quantizers and CUP-SS hook in through ``Callback``.
+
+Under torchrun (a process group initialised, ``distributed.init_distributed``) the same loop runs
+data-parallel: each rank's loss is the mean over its own batch, DistributedDataParallel averages
+the gradients, so one step is one step of the global batch (world size × per-rank batch). Only
+rank 0 shows progress and writes checkpoints; every rank returns the same history.
 """
 import json
 import math
@@ -18,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoints  # noqa: F401 (resumable runs)
+from . import attacks, checkpoints, distributed
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,22 @@ class TrainConfig:
     checkpoint_every: int = 10          # epochs between resumable checkpoints (when a path is given)
     seed: int = 0
     compile: str | None = None          # torch.compile mode for the training forward (CUDA only), e.g. "default"
+    amp: bool = True                    # bf16 autocast on CUDA; False trains in float32 (tight run comparisons)
+    # Run the training forward in this many equal parts, each with its own BatchNorm batch statistics:
+    # what DDP (or DataParallel, the paper's) over that many GPUs computes, so one process can
+    # reproduce a multi-GPU run step for step. Running statistics follow the first part, as DDP
+    # keeps rank 0's. Single process only.
+    bn_splits: int = 1
     # Knowledge distillation from a teacher passed to ``fit`` (not in ElasticTrain; spec §5.8 lists it
     # as an extension): loss = (1 - alpha)·CE + alpha·T²·KL(teacher_T || student_T).
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
+    # Adversarial training (spec §5.9, DNR's hybrid loss): loss = beta·CE(x) + (1 - beta)·CE(PGD(x)),
+    # PGD on [0, 1] inputs with a random start, run with the model in eval mode. beta = 1: clean only.
+    adversarial_beta: float = 1.0
+    adv_eps: float = 8 / 255
+    adv_steps: int = 7
+    adv_step_size: float = 0.01
 
     def __post_init__(self):
         if self.schedule not in ("onecycle", "cosine", "step", "constant"):
@@ -50,6 +67,11 @@ class TrainConfig:
         if self.epochs < 1 or self.lr <= 0 or not 0 <= self.warmup or not self.warmup + self.hold < 1:
             raise ValueError(f"need epochs >= 1, lr > 0 and 0 <= warmup, warmup + hold < 1 (got "
                              f"{self.epochs}, {self.lr}, {self.warmup}, {self.hold})")
+        if not 0 <= self.adversarial_beta <= 1 or self.adv_eps < 0 or self.adv_steps < 1 or self.adv_step_size <= 0:
+            raise ValueError(f"need 0 <= adversarial_beta <= 1, adv_eps >= 0, adv_steps >= 1 and adv_step_size > 0 "
+                             f"(got {self.adversarial_beta}, {self.adv_eps}, {self.adv_steps}, {self.adv_step_size})")
+        if self.bn_splits < 1 or (self.bn_splits > 1 and self.adversarial_beta < 1):
+            raise ValueError(f"bn_splits must be >= 1, and 1 with adversarial training (got {self.bn_splits})")
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise ValueError(f"need 0 <= distill_alpha <= 1 and distill_temperature > 0 (got "
                              f"{self.distill_alpha}, {self.distill_temperature})")
@@ -90,6 +112,7 @@ class TrainState:
     epoch: int = 0           # epochs completed
     step: int = 0            # optimiser steps completed
     history: list = field(default_factory=list)
+    loss: torch.Tensor | None = None   # the last step's loss over this rank's batch, detached (for callbacks)
     metrics: dict = field(default_factory=dict)   # callbacks add per-epoch columns here
     # A callback that keeps changing the architecture (CUP-SS while pruning) sets this so the
     # epoch runs eager: recompiling (CUDA graphs) every epoch would cost more than it saves.
@@ -114,9 +137,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _autocast(device):
+def _autocast(device, enabled=True):
     # bf16 on CUDA; on the CPU bf16 is slower than fp32, and smoke runs need no speed.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
 
 
 def prepare_model(model: nn.Module, device) -> nn.Module:
@@ -134,11 +159,12 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     With ``checkpoint_path``, a resumable checkpoint is written atomically every
     ``config.checkpoint_every`` epochs and at the end, and an existing one is resumed from.
     The returned model is the one after the final epoch (never a best-epoch pick).
+    A loader with ``set_epoch`` is told the epoch before it is iterated (``imagenet.FolderLoader``).
     """
     device = torch.device(device or default_device())
     torch.manual_seed(config.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":  # autotuned kernels, unless the caller asked for deterministic ones
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
     model = prepare_model(model, device)
     state = TrainState(model, make_optimizer(model, config), config, device)
     if checkpoint_path and Path(checkpoint_path).exists():
@@ -155,13 +181,22 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                          f"teacher={'a model' if teacher is not None else None}, alpha={config.distill_alpha})")
     if teacher is not None:
         teacher = prepare_model(teacher, device).eval().requires_grad_(False)
-    compiled = _Compiled(config.compile if device.type == "cuda" else None)
+    parallel = distributed.is_distributed()
+    if parallel and config.bn_splits > 1:
+        raise ValueError("bn_splits stands in for several GPUs in one process; under torchrun every rank "
+                         "already normalises its own batch")
+    compiled = _Compiled(config.compile if device.type == "cuda" else None, ddp=parallel)
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
-               disable=not progress, file=sys.stdout, mininterval=5.0, desc="epochs")
+               disable=not progress or not distributed.is_main(), file=sys.stdout, mininterval=5.0, desc="epochs")
+    synced = None  # the model whose weights the ranks last made identical
     for _ in bar:
         state.metrics = {}
         for cb in callbacks:
             cb.before_epoch(state)
+        distributed.sync_model(state.model, rebuilt=state.model is not synced)
+        synced = state.model
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(state.epoch)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -171,15 +206,27 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
             lr = config.lr_at(state.step, steps_per_epoch)
             for g in state.optimizer.param_groups:
                 g["lr"] = lr
-            with _autocast(device):
-                out = compiled(state.model, eager=state.defer_compile)(x)
-                loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+            if config.adversarial_beta < 1:
+                # Generated before the training forward, which then sees one concatenated batch.
+                x_adv = attacks.pgd(state.model, x, y, eps=config.adv_eps, step_size=config.adv_step_size,
+                                    steps=config.adv_steps)
+                state.model.train()
+            with _autocast(device, config.amp):
+                forward = compiled(state.model, eager=state.defer_compile)
+                if config.adversarial_beta < 1:
+                    out, out_adv = forward(torch.cat([x, x_adv])).chunk(2)
+                    loss = (config.adversarial_beta * F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+                            + (1 - config.adversarial_beta) * F.cross_entropy(out_adv, y, label_smoothing=config.label_smoothing))
+                else:
+                    out = _split_forward(forward, state.model, x, config.bn_splits)
+                    loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
                 if teacher is not None:
                     loss = _distill(loss, out, teacher, x, config)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
             state.step += 1
+            state.loss = loss.detach()
             for cb in callbacks:
                 cb.after_step(state)
             # Accumulate on the device: a .item() per step would sync and stall the GPU.
@@ -187,14 +234,18 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
         state.epoch += 1
-        row = {"epoch": state.epoch, "lr": lr, "train_loss": loss_sum.item() / seen,
-               "train_acc": 100.0 * correct.item() / seen}
+        # Every rank records the global figures; BatchNorm running statistics become rank 0's, which
+        # DDP would use in the next forward anyway, so every rank evaluates and saves the same model.
+        loss_total, correct_total, seen = distributed.all_reduce_sum([loss_sum.item(), correct.item(), seen])
+        distributed.broadcast_state(state.model, buffers_only=True)
+        row = {"epoch": state.epoch, "lr": lr, "train_loss": loss_total / seen,
+               "train_acc": 100.0 * correct_total / seen}
         if device.type == "cuda":
             torch.cuda.synchronize()
         row["epoch_time_s"] = time.perf_counter() - t0
         last = state.epoch == config.epochs
         if test_loader is not None and (last or (config.eval_every and state.epoch % config.eval_every == 0)):
-            row.update({f"test_{k}": v for k, v in evaluate(state.model, test_loader, amp=True).items()
+            row.update({f"test_{k}": v for k, v in evaluate(state.model, test_loader, amp=config.amp).items()
                         if k in ("top1", "loss")})
         for cb in callbacks:
             cb.after_epoch(state)
@@ -202,27 +253,57 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
         state.history.append(row)
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ("train_loss", "test_top1")})
         if checkpoint_path and (last or state.epoch % config.checkpoint_every == 0):
-            _save(state, checkpoint_path, callbacks, train_loader)
+            if distributed.is_main():
+                _save(state, checkpoint_path, callbacks, train_loader)
+            distributed.barrier()  # no rank runs ahead (or resumes) before the file is complete
     return state.model, pd.DataFrame(state.history)
 
 
 class _Compiled:
-    """The compiled training forward, rebuilt when a callback swaps the model (CUP-SS).
+    """The training forward: the model, wrapped in DistributedDataParallel under torchrun and
+    compiled when a mode is set; rebuilt when a callback swaps the model (CUP-SS).
 
     Small CIFAR nets are bound by kernel launches at any batch size (ResNet-56 on an H200: ~21 ms
     per step at batch 256 and at 512). Measured there: mode "default" gains nothing, while
     "reduce-overhead" (CUDA graphs) is 2.6x faster on ResNet-56 and 1.75x on VGG16. Evaluation stays eager.
     """
 
-    def __init__(self, mode):
-        self.mode, self.source, self.fn = mode, None, None
+    def __init__(self, mode, ddp=False):
+        self.mode, self.ddp = mode, ddp
+        self.source, self.wrapped, self.fn = None, None, None
 
     def __call__(self, model, eager=False):
-        if self.mode is None or eager:
+        if not self.ddp and (self.mode is None or eager):
             return model
         if model is not self.source:
-            self.source, self.fn = model, torch.compile(model, mode=self.mode)
+            self.source, self.fn = model, None
+            self.wrapped = distributed.ddp(model) if self.ddp else model
+        if self.mode is None or eager:
+            return self.wrapped
+        if self.fn is None:
+            self.fn = torch.compile(self.wrapped, mode=self.mode)
         return self.fn
+
+
+def _split_forward(forward, model, x, splits: int):
+    """``forward(x)`` in ``splits`` equal parts (``TrainConfig.bn_splits``), concatenated. The
+    parts after the first run with BatchNorm momentum 0, so they leave the running statistics alone."""
+    if splits == 1:
+        return forward(x)
+    if len(x) % splits:
+        raise ValueError(f"bn_splits={splits} needs batches that split evenly, got one of {len(x)}")
+    parts = x.chunk(splits)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    outs = [forward(parts[0])]
+    try:
+        for m in bns:
+            m.momentum = 0.0
+        outs += [forward(p) for p in parts[1:]]
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+    return torch.cat(outs)
 
 
 def _distill(ce, out, teacher, x, config):
@@ -270,7 +351,9 @@ def evaluate(model: nn.Module, data, *, amp: bool = False, device=None) -> dict:
 
     ``data`` is a loader yielding (x, y) or a dataset name ('cifar10', 'mnist'), in which case the
     full official test split is used. ``amp`` evaluates in bf16 on CUDA (training curves only:
-    reported figures use float32).
+    reported figures use float32). A loader whose ``sharded`` is true gives each rank its own part
+    of the split (``imagenet.FolderLoader`` under torchrun): the counts are summed over ranks, so
+    every rank gets the figures of the whole split.
     """
     if isinstance(data, str):
         from .data import GpuLoader, load_split
@@ -297,6 +380,9 @@ def evaluate(model: nn.Module, data, *, amp: bool = False, device=None) -> dict:
         n += len(y)
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     model.train(was_training)
+    if getattr(data, "sharded", False):
+        n, top1, top5, loss = distributed.all_reduce_sum([n, top1, top5, loss])
+        n, top1, top5 = int(n), int(top1), int(top5)
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "n": n}
 
 

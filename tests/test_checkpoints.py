@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from elastictrain import checkpoints as ck
+from elastictrain.baselines import DENSE
 from elastictrain.checkpoints import CheckpointError
 from elastictrain.models import create_model
 
@@ -235,7 +236,8 @@ def test_real_manifest_lists_the_dense_baselines():
     from pathlib import Path
     real = Path(ck.__file__).resolve().parents[2] / "checkpoints" / "MANIFEST"
     entries = ck.read_manifest(real)
-    assert set(entries) == {"vgg16_cifar10_dense.pt", "resnet56_cifar10_dense.pt", "mlp_mnist_dense.pt"}
+    assert set(entries) == {cfg.checkpoint_name for cfg in DENSE.values()} == {
+        "vgg16_cifar10_dense.pt", "vgg16_cup_cifar10_dense.pt", "resnet56_cifar10_dense.pt", "mlp_mnist_dense.pt"}
     for sha, url in entries.values():
         assert re.fullmatch(r"[0-9a-f]{64}", sha) and url == "-"
 

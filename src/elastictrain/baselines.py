@@ -31,6 +31,7 @@ class DenseConfig:
     paper_accuracy: float | None    # the paper's dense baseline (best epoch, for reference)
     paper_source: str
     crop_pad: int | None = None     # random-translation padding; None: the dataset's default (CIFAR 4, MNIST 0)
+    producer: str = "notebooks/00_dense_baselines.ipynb"   # what trains it (the MANIFEST note)
     smoke_train_images: int = 256
     smoke_test_images: int = 200
 
@@ -64,7 +65,8 @@ DENSE = {
         "vgg16_cup", "cifar10", 512,
         TrainConfig(epochs=150, lr=0.2, weight_decay=1e-4),
         target_accuracy=93.5, paper_accuracy=93.64,
-        paper_source="CUP VGG16 base (best of 160 epochs)"),
+        paper_source="CUP VGG16 base (best of 160 epochs)",
+        producer="notebooks/11_vgg16_cup_t090.ipynb (trained first when missing)"),
     "resnet56": DenseConfig(
         "resnet56", "cifar10", 256,
         TrainConfig(epochs=200, lr=0.2, weight_decay=5e-4, label_smoothing=0.1, compile="reduce-overhead"),
@@ -123,7 +125,7 @@ def _finished_run(path: Path, cfg: DenseConfig, test_loader) -> DenseResult | No
     print(f"{cfg.model}: finished run found in {path} (trained by an earlier execution); re-measured")
     # The earlier execution may have recorded it in a MANIFEST that was since replaced (a GPU call
     # receives a fresh copy of the working tree), so record it again.
-    sha = checkpoints.record_in_manifest(path, note="notebooks/00_dense_baselines.ipynb")
+    sha = checkpoints.record_in_manifest(path, note=cfg.producer)
     return DenseResult(model.cpu(), history, accuracy, float(history["epoch_time_s"].sum()), path, sha)
 
 
@@ -163,7 +165,7 @@ def train_dense(cfg: DenseConfig, *, smoke: bool, device=None, checkpoint_dir=No
     sha = checkpoints.save_checkpoint(path, model, epoch=cfg.train.epochs, extra={
         "test_top1": accuracy, "smoke": smoke, "config": config_record(cfg.train), "history": history.to_dict("records")})
     if not smoke:
-        checkpoints.record_in_manifest(path, note="notebooks/00_dense_baselines.ipynb")
+        checkpoints.record_in_manifest(path, note=cfg.producer)
     run_state.unlink(missing_ok=True)
     if smoke:  # a smoke checkpoint is never reused, and a VGG16 one weighs 59 MB
         shutil.rmtree(folder, ignore_errors=True)

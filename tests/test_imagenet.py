@@ -15,7 +15,7 @@ from elastictrain import imagenet
 from elastictrain.cup import cup_prune
 from elastictrain.cup import imagenet as I
 from elastictrain.data import DatasetMissingError
-from elastictrain.flops import PUBLISHED, count_flops, count_params
+from elastictrain.flops import PUBLISHED, count_flops, count_params, unpruned
 from elastictrain.models import create_model
 from elastictrain.storage import load_compressed
 from elastictrain.train import TrainConfig, fit
@@ -146,7 +146,7 @@ def test_cup_on_resnet50_changes_only_the_bottleneck_inner_widths():
                 assert v.shape[0] == dense_shapes[k][0]  # conv3 keeps its (residual) output width
     widths = [tuple(w) for w in pruned.arch["kwargs"]["widths"]]
     assert count_flops(pruned) == resnet50_hand(widths)
-    assert I.unpruned(pruned).arch == dense.arch
+    assert unpruned(pruned).arch == dense.arch
     assert pruned.eval()(torch.rand(2, 3, 64, 64)).shape == (2, 1000)
 
 

@@ -200,8 +200,15 @@ def flops_reduction(base_flops: float, pruned_flops: float) -> float:
     return base_flops / pruned_flops
 
 
-def reduction(model: nn.Module) -> tuple[float, float]:
-    """(FR, PR) of a CUP-pruned model against its unpruned architecture (the registry's defaults)."""
+def unpruned(model: nn.Module) -> nn.Module:
+    """The unpruned architecture of a CUP-pruned ``model``: its registry defaults, but with the model's
+    number of classes (an ImageNet net trained on a subset of classes keeps its classifier)."""
     from .models import create_model  # the models do not need this module; keep the import one-way
-    dense = create_model(model.arch["name"])
+    kwargs = model.arch["kwargs"]
+    return create_model(model.arch["name"], **({"num_classes": kwargs["num_classes"]} if "num_classes" in kwargs else {}))
+
+
+def reduction(model: nn.Module) -> tuple[float, float]:
+    """(FR, PR) of a CUP-pruned model against its unpruned architecture."""
+    dense = unpruned(model)
     return count_flops(dense) / count_flops(model), count_params(dense) / count_params(model)

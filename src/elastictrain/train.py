@@ -207,10 +207,10 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
             for g in state.optimizer.param_groups:
                 g["lr"] = lr
             if config.adversarial_beta < 1:
-                # Generated before the training forward, which then sees one concatenated batch.
+                # Generated before the training forward, which then sees one concatenated batch
+                # (pgd runs the model in eval mode and gives it back in train mode).
                 x_adv = attacks.pgd(state.model, x, y, eps=config.adv_eps, step_size=config.adv_step_size,
                                     steps=config.adv_steps)
-                state.model.train()
             with _autocast(device, config.amp):
                 forward = compiled(state.model, eager=state.defer_compile)
                 if config.adversarial_beta < 1:

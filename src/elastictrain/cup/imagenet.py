@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .. import checkpoints, distributed, imagenet
-from ..flops import count_flops, count_params
+from ..flops import count_flops, count_params, reduction
 from ..models import create_model
 from ..storage import save_compressed
 from ..train import TrainConfig, evaluate, fit
@@ -151,12 +151,6 @@ def paper_table(model: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def unpruned(model) -> torch.nn.Module:
-    """The unpruned architecture of ``model`` with its number of classes (FR and PR reference)."""
-    kwargs = {k: v for k, v in model.arch["kwargs"].items() if k != "widths"}
-    return create_model(model.arch["name"], **kwargs)
-
-
 def _loaders(run: ImagenetRun, device):
     world = distributed.world_size()
     if run.batch_size % world:
@@ -174,15 +168,15 @@ def _train_and_record(model, name: str, run: ImagenetRun, loaders, device, *, ca
     model, history = fit(model, train_loader, val_loader, run.train, callbacks=callbacks, device=device,
                          checkpoint_path=run_state, progress=progress)
     final = evaluate(model, val_loader)
-    dense = unpruned(model)
     flops, params = count_flops(model), count_params(model)
+    fr, pr = reduction(model)
     best, best_e = best_epoch(history)
     ss = next((cb for cb in callbacks if isinstance(cb, CupSS)), None)
     if ss is not None:
         record = {**record, "stopped_at": ss.stopped_at}
     summary = {"name": name, **record, "model": model.arch["name"], "top1": final["top1"], "top5": final["top5"],
                "val_images": final["n"], "best_epoch_top1": best, "best_epoch": best_e, "flops": flops,
-               "params": params, "fr": count_flops(dense) / flops, "pr": count_params(dense) / params,
+               "params": params, "fr": fr, "pr": pr,
                "widths": layer_widths(model)["kept"].tolist(), "epochs": len(history),
                "train_time_s": round(float(history["epoch_time_s"].sum()), 1),
                "world_size": distributed.world_size(), "global_batch": run.batch_size,

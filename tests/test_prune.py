@@ -19,7 +19,8 @@ from elastictrain.models import create_model
 from elastictrain.models.common import prunable_weights
 from elastictrain.prune import (ANY, EACH, KERNEL, WORKLOAD, MaskCallback, PruneSpec, Structure,
                                 density_at, make_masks, pattern_library)
-from elastictrain.prune.masks import _floor, allocate, lamp
+from elastictrain.prune.masks import _floor, allocate, lamp, unconnected
+from elastictrain.prune.schedule import _plain_stack
 from elastictrain.prune.structure import FILTER, LAYER, as_4d_shape, block_ids, blocks, unblocks
 from elastictrain.train import Callback, TrainConfig, fit
 
@@ -345,6 +346,70 @@ def test_balanced_count_is_the_layer_count_rounded_down():
         assert bal[n] == plain[n] // g * g, n
 
 
+def test_balanced_mask_never_keeps_a_zero():
+    """A pruned weight stays zero, so a block keeping one holds fewer non-zeros than its peers (row B1's
+    conv1: 8–17 per block, where the budget's rounding surplus fell on zero scores)."""
+    first = make_masks(W, 0.05, PruneSpec(balanced=WORKLOAD))
+    pruned = {n: w * first[n] for n, w in W.items()}
+    assert sum(counts(first).values()) == 18880 < round(0.0499 * N) == 18983   # a surplus of 103
+    again = make_masks(pruned, 0.0499, PruneSpec(balanced=WORKLOAD))
+    assert counts(again) == counts(first) == {"conv1": 3456, "conv2": 6400, "conv3": 7424, "fc": 1600}
+    for n, m in again.items():
+        assert not (m & (pruned[n] == 0)).any(), n
+    # a block with fewer live entries than the budget's share sets the count of the whole layer
+    w = torch.randn(32, 8, 3, 3, generator=torch.Generator().manual_seed(2))
+    w[0:2, 0:2] = 0
+    w[0, 0, 1] = 1.0                                       # block 0 keeps 3 non-zeros
+    for density in (0.5, 0.2):                             # 18 and 7 per block by the budget
+        m = make_masks({"conv": w}, density, PruneSpec(balanced=WORKLOAD))["conv"]
+        assert blocks(m.float(), WORKLOAD).sum(1).tolist() == [3.0] * 64
+        assert not (m & (w == 0)).any()
+    w[0, 0] = 0
+    with pytest.raises(ValueError, match="18 by the budget, 0 live in the sparsest block"):
+        make_masks({"conv": w}, 0.5, PruneSpec(balanced=WORKLOAD))
+
+
+def chain_weights():
+    """conv1 → conv2 → conv3 → fc. conv1's filter 5 is large but feeds nothing (conv2's channel 5 is
+    pruned); conv2's channel 9 is large but reads conv1's empty filter 9."""
+    g = torch.Generator().manual_seed(0)
+    s = {"conv1": torch.randn(32, 3, 3, 3, generator=g), "conv2": torch.randn(32, 32, 3, 3, generator=g),
+         "conv3": torch.randn(32, 32, 3, 3, generator=g), "fc": torch.randn(10, 32, generator=g)}
+    s["conv1"][5] *= 10
+    s["conv2"][:, 5] = 0
+    s["conv1"][9] = 0
+    s["conv2"][:, 9] *= 10
+    return s
+
+
+def test_unconnected():
+    cut = unconnected({n: w != 0 for n, w in chain_weights().items()})
+    assert [tuple(c.shape) for c in cut.values()] == [(32, 3), (32, 32), (32, 32), (10, 32)]
+    assert cut["conv1"].nonzero().tolist() == [[5, 0], [5, 1], [5, 2]]      # filter 5: no reader
+    assert cut["conv2"].nonzero().tolist() == [[f, 9] for f in range(32)]    # channel 9: no producer
+    assert not cut["conv3"].any() and not cut["fc"].any()
+
+
+def test_balanced_chain_keeps_no_unconnected_weight():
+    s = chain_weights()
+    spec = PruneSpec(balanced=WORKLOAD)
+    plain = make_masks(s, 0.3, spec)
+    assert int(plain["conv1"][5].sum()) == 24 and int(plain["conv2"][:, 9].sum()) == 238   # by magnitude
+    masks = make_masks(s, 0.3, spec, chain=True)
+    assert int(masks["conv1"][5].sum()) == 0 and int(masks["conv2"][:, 9].sum()) == 0
+    readers = (s["conv2"] != 0).transpose(0, 1).flatten(1).any(1)
+    assert readers.sum() == 31 and not masks["conv1"][~readers].any()       # conv1 keeps live filters only
+    per_block = {n: blocks(m.float(), WORKLOAD).sum(1).unique().tolist() for n, m in masks.items()}
+    assert per_block == {"conv1": [9.0], "conv2": [38.0], "conv3": [39.0], "fc": [6.0]}
+    assert sum(counts(masks).values()) <= round(0.3 * sum(w.numel() for w in s.values()))
+    again = make_masks({n: w.clone() for n, w in s.items()}, 0.3, spec, chain=True)
+    assert all(torch.equal(masks[n], again[n]) for n in s)
+    # other specs ignore chain: the masks of the unbalanced rows stay as they were
+    for other in (PruneSpec(), PruneSpec("kernel")):
+        a, b = make_masks(s, 0.3, other, chain=True), make_masks(s, 0.3, other)
+        assert all(torch.equal(a[n], b[n]) for n in s)
+
+
 @pytest.mark.parametrize("spec, density", [
     (PruneSpec(), 0.0031), (PruneSpec(), 0.004), (PruneSpec("kernel"), 0.0035)])
 def test_floors_at_extreme_ratio(spec, density):
@@ -629,6 +694,34 @@ def test_start_density_of_a_sparse_model():
     assert hist["density"].tolist() == [round(0.12 * MLP_N) / MLP_N]
     for n, w in prunable_weights(model).items():
         assert (w.detach()[zero_before[n]] == 0).all(), n       # already-zero weights stay pruned
+
+
+def test_fit_balanced_nonzeros_in_every_block():
+    """Row B1's defect on a small VGG: conv1's filter 5 is zero and feeds nothing, so it gets no
+    gradient; the old masks re-admitted its positions to fill their blocks (13 each) and they stayed
+    zero: 9–13 non-zeros per block. Filter 9 feeds nothing either but is non-zero: a balanced mask
+    must not spend slots on it."""
+    torch.manual_seed(0)
+    model = create_model("vgg16", widths=[32] * 13)
+    with torch.no_grad():
+        w = prunable_weights(model)
+        w["features.0.weight"][5] = 0
+        w["features.3.weight"][:, [5, 9]] = 0
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (128,), generator=g), "tiny-cifar")
+    mcb = MaskCallback(PruneSpec(balanced=WORKLOAD), 0.3, ramp_epochs=1)
+    model, _ = fit(model, GpuLoader(split, 32, train=True, seed=1), None,
+                   TrainConfig(epochs=2, lr=0.05, eval_every=0), callbacks=[mcb], device="cpu", progress=False)
+    weights = prunable_weights(model)
+    for n, p in weights.items():
+        nonzero = blocks((p.detach() != 0).float(), WORKLOAD).sum(1)
+        assert torch.equal(nonzero, blocks(mcb.masks[n], WORKLOAD).sum(1)), n    # every kept weight is non-zero
+        assert nonzero.min() == nonzero.max() > 0, (n, nonzero.unique())
+    conv1 = weights["features.0.weight"].detach() != 0
+    assert blocks(conv1.float(), WORKLOAD).sum(1).tolist() == [9.0] * 48         # filters 4 and 8 alone in their groups
+    assert not conv1[[5, 9]].any() and not mcb.masks["features.0.weight"][[5, 9]].any()
+    assert _plain_stack(model) and _plain_stack(small_mlp()) and not _plain_stack(create_model("resnet56"))
 
 
 def test_callback_state_dict_round_trip(pruned_run):

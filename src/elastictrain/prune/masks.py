@@ -6,6 +6,10 @@ budget decides each layer's count (with floors, so no layer collapses at 1000×)
 ``balanced`` structure then splits each layer's count equally over its blocks; a pattern
 granularity finally keeps, inside each surviving kernel, the library pattern holding the most
 energy. Budgets are counted in weights: a kernel costs k·k, a pattern kernel costs its m entries.
+
+A balanced mask keeps only live entries: non-zero and, in a plain stack (``chain``), connected. A
+kept weight that is zero and gets no gradient stays zero, so its block would hold fewer non-zeros
+than its peers however balanced the mask is (row B1's conv1: 8–17 per block).
 """
 import math
 from dataclasses import dataclass
@@ -92,16 +96,36 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def balanced_topk_mask(scores: torch.Tensor, k: int, structure: Structure) -> torch.Tensor:
-    """Keep the same number q = k // G of entries in each of the G blocks of ``structure``."""
+    """Keep the same number q of entries in each of the G blocks of ``structure``: q = k // G, or the
+    live (positive-score) entries of the sparsest block if fewer (spec §5.6, strict option (b))."""
     b = blocks(scores, structure)
-    g, size = b.shape
-    q = k // g
+    g = b.shape[0]
+    # The budget's rounding surplus lands on zero scores, which topk would take on ties: a block
+    # short of live entries would be filled with weights that stay zero.
+    live = int((b > 0).sum(1).min())
+    q = min(k // g, live)
     if q < 1:
         raise ValueError(f"{k} kept entries cannot be balanced over {g} blocks of {tuple(scores.shape)} "
-                         "(fewer than one per block); lower the ratio or drop the balance constraint")
+                         f"(fewer than one per block: {k // g} by the budget, {live} live in the sparsest "
+                         "block); lower the ratio or drop the balance constraint")
     keep = torch.zeros_like(b, dtype=torch.bool)
-    keep.scatter_(1, b.topk(min(q, size), dim=1).indices, True)
+    keep.scatter_(1, b.topk(q, dim=1).indices, True)
     return unblocks(keep, structure, scores.shape)
+
+
+def unconnected(kept: dict) -> dict:
+    """Per layer of a plain stack (``kept``: bool masks in data-flow order, each layer feeding only the
+    next), a [F, C] bool: True where a weight cannot matter, because its filter feeds no kept weight
+    of the next layer or its input channel comes from a filter of the previous layer with none kept."""
+    feeds = [m.transpose(0, 1).flatten(1).any(1) for m in kept.values()]   # per input channel
+    fed = [m.flatten(1).any(1) for m in kept.values()]                      # per filter
+    out = {}
+    for i, (n, m) in enumerate(kept.items()):
+        f, c = m.shape[:2]
+        out_dead = ~feeds[i + 1] if i + 1 < len(kept) else torch.zeros(f, dtype=torch.bool, device=m.device)
+        in_dead = ~fed[i - 1] if i > 0 else torch.zeros(c, dtype=torch.bool, device=m.device)
+        out[n] = out_dead[:, None] | in_dead[None, :]
+    return out
 
 
 def pattern_library(weights: dict, size: int = 8, entries: int = 4) -> torch.Tensor:
@@ -122,8 +146,14 @@ def pattern_library(weights: dict, size: int = 8, entries: int = 4) -> torch.Ten
     return ((best[:, None] >> torch.arange(9, device=best.device)) & 1).bool()
 
 
-def make_masks(weights: dict, density: float, spec: PruneSpec, library: torch.Tensor | None = None) -> dict:
-    """Masks (bool, shaped like each weight) keeping ``density`` of all the weights in ``weights``."""
+def make_masks(weights: dict, density: float, spec: PruneSpec, library: torch.Tensor | None = None,
+               chain: bool = False) -> dict:
+    """Masks (bool, shaped like each weight) keeping ``density`` of all the weights in ``weights``.
+
+    ``chain``: ``weights`` is a plain stack in data-flow order (VGG, the MLP); a balanced mask then
+    keeps no weight ``unconnected`` in the current weights (other specs ignore it: their masks stay
+    as shipped). Judged once, on the weights: re-judged on the new masks, a filter emptied only by
+    its block's competition would cut its readers, a cascade that can empty whole blocks."""
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
     budget = int(round(density * sum(w.numel() for w in weights.values())))
@@ -143,6 +173,10 @@ def make_masks(weights: dict, density: float, spec: PruneSpec, library: torch.Te
             scores[n], costs[n] = energy.max(2).values / library.sum(1).max(), int(library.sum(1).max())
     granules = None if spec.balanced is None else {
         n: spec.balanced.num_blocks(s.shape if s.dim() == 4 else as_4d_shape(s.shape)) for n, s in scores.items()}
+    if chain and spec.balanced is not None:
+        cut = unconnected({n: w.detach() != 0 for n, w in weights.items()})
+        scores = {n: s.masked_fill(cut[n].view(*cut[n].shape, *(1,) * (s.dim() - 2)), 0)
+                  for n, s in scores.items()}
     counts = allocate(scores, costs, budget, spec, {n for n, w in weights.items() if w.dim() == 2}, granules)
     masks = {}
     for n, w in weights.items():

@@ -16,6 +16,12 @@ from ..train import Callback
 from .masks import PruneSpec, make_masks, pattern_library
 
 
+def _plain_stack(model) -> bool:
+    """Whether the order of ``prunable_weights`` is the data flow, each layer feeding only the next:
+    VGG and the MLP, not a residual net (whose blocks also feed the identity path)."""
+    return getattr(model, "arch", {}).get("name", "").startswith(("vgg", "mlp"))
+
+
 def density_at(tau: float, d0: float, df: float) -> float:
     tau = min(max(tau, 0.0), 1.0)
     return math.exp(math.log(df) + (math.log(d0) - math.log(df)) * (1 - tau) ** 3)
@@ -50,7 +56,7 @@ class MaskCallback(Callback):
             d = density_at((state.epoch + 1) / self.ramp, self.d0, self.target)
             weights = prunable_weights(state.model)
             self.masks = {n: m.to(weights[n].dtype) for n, m in
-                          make_masks(weights, d, self.spec, self.library).items()}
+                          make_masks(weights, d, self.spec, self.library, chain=_plain_stack(state.model)).items()}
         self.apply(state)
         state.metrics["density"] = self.density()
 

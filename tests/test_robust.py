@@ -104,6 +104,16 @@ def test_attacks_run_in_eval_mode_and_restore_the_mode(training):
     assert all(p.grad is None for p in model.parameters())   # only the input's gradient is taken
 
 
+def test_attacks_freeze_the_weights_only_while_attacking():
+    model, (x, y) = bn_net(), images()
+    model[0].weight.requires_grad_(False)                    # a layer the caller froze stays frozen
+    seen = []
+    forward = lambda inp: (seen.append([p.requires_grad for p in model.parameters()]), model(inp))[1]
+    attacks.pgd(model, x, y, steps=2, forward=forward)
+    assert len(seen) == 2 and not any(any(flags) for flags in seen)
+    assert [p.requires_grad for p in model.parameters()] == [False] + [True] * (len(seen[0]) - 1)
+
+
 @pytest.mark.parametrize("kw", [dict(eps=-0.1), dict(step_size=0.0), dict(steps=0)])
 def test_pgd_rejects_bad_settings(kw):
     model, (x, y) = bn_net().eval(), images()
@@ -144,6 +154,7 @@ class PgdSpy:
     def __call__(self, model, x, y, **kw):
         adv = PGD(model, x, y, **kw)
         if self.first is None:
+            self.model = model
             self.first = copy.deepcopy(model.state_dict()), x.clone(), y.clone(), adv.clone(), kw
         self.calls += 1
         return adv
@@ -158,7 +169,7 @@ def test_hybrid_loss_is_beta_clean_plus_one_minus_beta_adversarial(monkeypatch):
                   progress=False)
     assert spy.calls == 1
     state, x, y, adv, kw = spy.first
-    assert kw == dict(eps=0.1, step_size=0.04, steps=3)
+    assert kw == dict(eps=0.1, step_size=0.04, steps=3, forward=spy.model)  # on the CPU fit never compiles
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and (adv != x).float().mean() > 0.5
     model = small_mlp()
     model.load_state_dict(state)

@@ -3,10 +3,18 @@
 Our models hold their normalisation as their first layer (``models.Normalize``), so an attack
 perturbs the raw image and the box [0, 1] is the image's own range, as in DNR and Ye et al.
 The model runs in eval mode while the perturbation is computed (ElasticTrain's ModelEval does so,
-and it keeps BatchNorm statistics from drifting towards adversarial batches during training);
-the caller's train/eval mode is restored afterwards. Under CUDA the forward runs in bf16: the sign of
-the gradient is all a step uses, and training-time PGD costs 7 forward/backward passes per batch.
+and it keeps BatchNorm statistics from drifting towards adversarial batches during training), with
+its parameters frozen; the caller's mode and ``requires_grad`` flags are restored afterwards. Under
+CUDA the forward runs in bf16: the sign of the gradient is all a step uses, and training-time PGD
+costs 7 forward/backward passes per batch.
+
+``forward``: the callable a PGD step differentiates, by default the model itself. ``fit`` passes a
+compiled copy of the model (``TrainConfig.compile``), since eager VGG16 is bound by kernel launches.
+Freezing the parameters matters there: eager autograd computes only the input's gradient anyway, but
+a compiled graph's backward computes every gradient its inputs require.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,37 +24,45 @@ def _autocast(x):
     return torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else torch.autocast("cpu", enabled=False)
 
 
-def _input_grad(model, x, y):
+def _input_grad(forward, x, y):
     x = x.detach().requires_grad_(True)
     with _autocast(x):
-        loss = F.cross_entropy(model(x).float(), y)
+        loss = F.cross_entropy(forward(x).float(), y)
     return torch.autograd.grad(loss, x)[0]
 
 
-def _eval_mode(model):
-    was = model.training
+@contextlib.contextmanager
+def _attacking(model):
+    was, trainable = model.training, [p for p in model.parameters() if p.requires_grad]
     model.eval()
-    return was
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was)
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255) -> torch.Tensor:
     """One signed-gradient step of size ``eps`` from the clean image, clipped to [0, 1]."""
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    was = _eval_mode(model)
-    with torch.enable_grad():
+    with _attacking(model), torch.enable_grad():
         g = _input_grad(model, x, y)
-    model.train(was)
     return (x + eps * g.sign()).clamp(0, 1).detach()
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, step_size: float = 0.01,
-        steps: int = 7, random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        steps: int = 7, random_start: bool = True, generator: torch.Generator | None = None,
+        forward=None) -> torch.Tensor:
     """PGD-``steps``: uniform start in [−eps, eps], signed steps of ``step_size``, each projected onto
     [x − eps, x + eps] ∩ [0, 1]."""
     if eps < 0 or step_size <= 0 or steps < 1:
         raise ValueError(f"need eps >= 0, step_size > 0 and steps >= 1 (got {eps}, {step_size}, {steps})")
-    was = _eval_mode(model)
+    graphed = forward is not None and forward is not model
+    forward = model if forward is None else forward
     x = x.detach()
     if random_start:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
@@ -54,9 +70,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
         x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1)
     else:
         x_adv = x.clone()
-    with torch.enable_grad():
+    with _attacking(model), torch.enable_grad():
         for _ in range(steps):
-            g = _input_grad(model, x_adv, y)
+            if graphed:  # CUDA graphs ("reduce-overhead") may reuse the last step's output buffers now
+                torch.compiler.cudagraph_mark_step_begin()
+            g = _input_grad(forward, x_adv, y)
             x_adv = torch.min(torch.max(x_adv + step_size * g.sign(), x - eps), x + eps).clamp(0, 1).detach()
-    model.train(was)
     return x_adv

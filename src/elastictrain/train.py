@@ -43,7 +43,7 @@ class TrainConfig:
     eval_every: int = 1                 # evaluate on the test loader every n epochs (0: only at the end)
     checkpoint_every: int = 10          # epochs between resumable checkpoints (when a path is given)
     seed: int = 0
-    compile: str | None = None          # torch.compile mode for the training forward (CUDA only), e.g. "default"
+    compile: str | None = None          # torch.compile mode for the training forward and training-time PGD (CUDA only)
     amp: bool = True                    # bf16 autocast on CUDA; False trains in float32 (tight run comparisons)
     # Run the training forward in this many equal parts, each with its own BatchNorm batch statistics:
     # what DDP (or DataParallel, the paper's) over that many GPUs computes, so one process can
@@ -186,6 +186,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
         raise ValueError("bn_splits stands in for several GPUs in one process; under torchrun every rank "
                          "already normalises its own batch")
     compiled = _Compiled(config.compile if device.type == "cuda" else None, ddp=parallel)
+    # Training-time PGD differentiates its own compiled copy (eval mode, frozen weights: other
+    # graphs than the training forward's); every rank attacks its own batch, so no DDP there.
+    attack_forward = _Compiled(config.compile if device.type == "cuda" else None)
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
                disable=not progress or not distributed.is_main(), file=sys.stdout, mininterval=5.0, desc="epochs")
     synced = None  # the model whose weights the ranks last made identical
@@ -210,7 +213,8 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                 # Generated before the training forward, which then sees one concatenated batch
                 # (pgd runs the model in eval mode and gives it back in train mode).
                 x_adv = attacks.pgd(state.model, x, y, eps=config.adv_eps, step_size=config.adv_step_size,
-                                    steps=config.adv_steps)
+                                    steps=config.adv_steps,
+                                    forward=attack_forward(state.model, eager=state.defer_compile))
             with _autocast(device, config.amp):
                 forward = compiled(state.model, eager=state.defer_compile)
                 if config.adversarial_beta < 1:

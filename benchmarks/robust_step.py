@@ -51,9 +51,8 @@ def main():
     model = prepare_model(load_compressed(args.file), "cuda")
     batches = list(GpuLoader(load_split("cifar10", train=False).subset(args.images), 500, train=False, device="cuda"))
     graphed = torch.compile(model, mode="reduce-overhead")
-    with torch.autocast("cuda", enabled=False):
-        out["pgd7_eager"] = round(pgd_accuracy(model, batches, None), 2)
-        out["pgd7_compiled"] = round(pgd_accuracy(model, batches, graphed), 2)
+    out["pgd7_eager"] = round(pgd_accuracy(model, batches, None), 2)
+    out["pgd7_compiled"] = round(pgd_accuracy(model, batches, graphed), 2)
     t = {}
     for name, fwd in (("eager", None), ("compiled", graphed)):
         torch.cuda.synchronize()

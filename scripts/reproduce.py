@@ -48,7 +48,7 @@ JOBS = {
     "dense-vgg16_cup": ([], None),
     "15": ([], "15_resnet56_cupss"),
     "16": (["dense-vgg16"], "16_vgg16_robust"),
-    "02": ([], "02_vgg16_500x_unstructured"),
+    "02": (["dense-vgg16"], "02_vgg16_500x_unstructured"),
     "04": (["dense-vgg16"], "04_vgg16_100x_kernel"),
     "03": (["02", "dense-vgg16"], "03_vgg16_1000x_unstructured"),
     "05": (["04"], "05_vgg16_500x_kernel"),

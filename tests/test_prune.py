@@ -773,6 +773,90 @@ def test_resume_keeps_masks(pruned_run, tmp_path, stop):
         assert (buf[m == 0] == 0).all(), n
 
 
+# ======================================================================= rewiring (spec §5.8b)
+
+def test_rewire_fraction_follows_a_cosine_to_zero():
+    mcb = MaskCallback(PruneSpec(), 0.1, ramp_epochs=4, rewire=0.3)
+    expected = [0.3 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in (1, 2, 3, 4)]
+    assert [mcb.rewire_fraction(e) for e in range(6)] == pytest.approx(expected + [0.0, 0.0], abs=1e-12)
+    assert expected[0] == pytest.approx(0.2561, abs=1e-4) and expected[-1] == pytest.approx(0.0, abs=1e-12)
+    assert [MaskCallback(PruneSpec(), 0.1, 4).rewire_fraction(e) for e in range(5)] == [0.0] * 5
+
+
+@pytest.mark.parametrize("spec, rewire, message", [
+    (PruneSpec("kernel"), 0.3, "needs unstructured masks"),
+    (PruneSpec(balanced=WORKLOAD), 0.3, "needs unstructured masks"),
+    (PruneSpec(), 1.0, r"in \[0, 1\)"),
+    (PruneSpec(), -0.1, r"in \[0, 1\)"),
+])
+def test_rewire_refuses_what_it_cannot_do(spec, rewire, message):
+    with pytest.raises(ValueError, match=message):
+        MaskCallback(spec, 0.1, 4, rewire=rewire)
+
+
+def test_rewired_swaps_smallest_kept_for_largest_gradient():
+    w = torch.tensor([[5.0, 0.0, 4.0, 0.0, 1.0],
+                      [0.0, 3.0, 0.0, 2.0, 0.5]]).requires_grad_()
+    keep = w.detach() != 0                                    # 6 kept
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    opt.state[w]["momentum_buffer"] = torch.full_like(w, 7.0)
+    mcb = MaskCallback(PruneSpec(), 0.1, 4, rewire=0.3)
+    mcb.grad = {"w": torch.tensor([[9.0, 0.1, 9.0, 8.0, 9.0],
+                                   [6.0, 9.0, 0.2, 9.0, 9.0]])}
+    out = mcb._rewired({"w": keep}, {"w": w}, 0.5, opt)["w"]  # swap int(0.5 * 6) = 3
+    assert int(out.sum()) == 6
+    # out: the 3 smallest kept (0.5, 1, 2); in: the 3 pruned with the largest gradient (8, 6, 0.2)
+    assert out.tolist() == [[True, False, True, True, False], [True, True, True, False, False]]
+    grown = out & ~keep
+    assert (w.detach()[grown] == 0).all() and (opt.state[w]["momentum_buffer"][grown] == 0).all()
+    assert (opt.state[w]["momentum_buffer"][~grown] == 7.0).all()
+    assert w.detach()[0, 0] == 5.0 and w.detach()[1, 4] == 0.5     # the mask change alone drops a weight
+
+
+@pytest.fixture(scope="module")
+def rewired_run():
+    mcb = MaskCallback(PruneSpec(), 0.1, ramp_epochs=3, rewire=0.3)
+    cap = Capture(mcb)
+    model, history = run_fit(mcb, cap, cfg=dataclasses.replace(CFG, epochs=4))
+    return mcb, cap, model, history
+
+
+def test_fit_with_rewiring_keeps_exact_counts_and_revives_weights(rewired_run):
+    mcb, cap, model, history = rewired_run
+    total, nonzero = count_weights(model)
+    assert nonzero == round(0.1 * MLP_N)
+    assert history["density"].tolist() == [round(density_at(e / 3, 1.0, 0.1) * MLP_N) / MLP_N
+                                           for e in (1, 2, 3, 3)]
+    revived = 0
+    for before, after in zip(cap.epochs, cap.epochs[1:]):
+        for n in before:
+            revived += int(((before[n][1] == 0) & (after[n][1] == 1)).sum())
+            w, m, buf = after[n]
+            assert (w[m == 0] == 0).all() and (buf[m == 0] == 0).all(), n
+    assert revived > 0                                        # no longer monotone: weights came back
+    assert mcb.grad is None                                   # freed once no update rewires any more
+    final = prunable_weights(model)
+    for n, m in mcb.masks.items():
+        assert torch.equal(final[n].detach() != 0, m.bool()), n
+        assert torch.equal(cap.epochs[-1][n][1], cap.epochs[-2][n][1]), n   # frozen after the ramp
+
+
+def test_resume_mid_ramp_rewires_as_the_uninterrupted_run(rewired_run, tmp_path):
+    _, cap_straight, straight, _ = rewired_run
+    cfg = dataclasses.replace(CFG, epochs=4)
+    path = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(MaskCallback(PruneSpec(), 0.1, ramp_epochs=3, rewire=0.3), StopAt(1), path=path, cfg=cfg)
+    mcb = MaskCallback(PruneSpec(), 0.1, ramp_epochs=3, rewire=0.3)
+    cap = Capture(mcb)
+    model, _ = run_fit(mcb, cap, path=path, seed=5, cfg=cfg)
+    for snap, ref in zip(cap.epochs, cap_straight.epochs[1:]):
+        for n in snap:
+            assert torch.equal(snap[n][1], ref[n][1]), n
+    for n, w in prunable_weights(model).items():
+        torch.testing.assert_close(w.detach(), prunable_weights(straight)[n].detach(), rtol=1e-5, atol=1e-6)
+
+
 # ================================================================================ run_row smoke
 
 def _listing(folder: Path):

@@ -32,6 +32,7 @@ class PruneRecipe:
     teacher: str | None = None      # a baselines.DENSE key to distil from (train.distill_alpha > 0)
     batch_size: int = 512
     pattern_size: int = 8
+    rewire: float = 0.0             # RigL/DNR swap fraction at the first ramp update (MaskCallback)
     smoke_train_images: int = 256
     smoke_test_images: int = 200
 
@@ -72,7 +73,8 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
         test_subset=recipe.smoke_test_images if smoke else None)
     run_state = (Path(tempfile.mkdtemp(prefix=f"smoke-{recipe.row}-run-")) if smoke
                  else checkpoints.checkpoints_dir()) / f".{recipe.row}.run"
-    masks = MaskCallback(recipe.spec, 1 / recipe.ratio, recipe.ramp_epochs, pattern_size=recipe.pattern_size)
+    masks = MaskCallback(recipe.spec, 1 / recipe.ratio, recipe.ramp_epochs, pattern_size=recipe.pattern_size,
+                         rewire=recipe.rewire)
     # A model of its own: the start model may be this very dense network, which training changes.
     teacher, teacher_accuracy = baselines.teacher_model(recipe.teacher, smoke=smoke, device=device)
     if teacher is not None:

@@ -6,6 +6,12 @@ Density follows a cubic in log-density (spec §5.8): log d(τ) = log d_f + (log 
 Zhu & Gupta's cubic-in-density would remove ~90% of the survivors in the last fifth of a 1 → 1/1000
 ramp; the log form spreads the removals evenly. Masks are monotone: a pruned weight is zero, scores
 zero, and is never chosen again while the density falls.
+
+Optional rewiring (spec §5.8b, RigL/DNR), for unstructured masks during the ramp: after each mask
+update a fraction r of every layer's survivors (r from ``rewire`` down to 0 by a cosine over the ramp)
+is swapped: the smallest |w| leave, and as many pruned weights with the largest |gradient| (an
+exponential average over the previous epoch's steps, DNR's momentum) come back at zero. Layer counts
+are unchanged; masks are then no longer monotone.
 """
 import math
 
@@ -34,10 +40,19 @@ class MaskCallback(Callback):
     a sparser one). Masks are float tensors so that one ``_foreach_mul_`` enforces all of them.
     """
 
-    def __init__(self, spec: PruneSpec, target_density: float, ramp_epochs: int, *, pattern_size: int = 8):
+    def __init__(self, spec: PruneSpec, target_density: float, ramp_epochs: int, *, pattern_size: int = 8,
+                 rewire: float = 0.0):
+        if not 0 <= rewire < 1:
+            raise ValueError(f"rewire is the fraction of survivors swapped at the first mask update, in [0, 1); "
+                             f"got {rewire}")
+        if rewire and (spec.granularity != "unstructured" or spec.balanced is not None):
+            raise ValueError("rewiring swaps single weights: it needs unstructured masks without a balance "
+                             f"constraint (got granularity {spec.granularity!r}, balanced={spec.balanced}); "
+                             "use rewire=0 for this spec")
         self.spec, self.target, self.ramp = spec, target_density, max(1, ramp_epochs)
-        self.pattern_size = pattern_size
+        self.pattern_size, self.rewire = pattern_size, rewire
         self.masks, self.library, self.d0 = {}, None, None
+        self.grad = None      # per weight: the average dense gradient that regrowth ranks by
         self._bound_to, self._lists = (None, None), None
 
     def on_train_begin(self, state):
@@ -55,13 +70,53 @@ class MaskCallback(Callback):
         if state.epoch < self.ramp:
             d = density_at((state.epoch + 1) / self.ramp, self.d0, self.target)
             weights = prunable_weights(state.model)
-            self.masks = {n: m.to(weights[n].dtype) for n, m in
-                          make_masks(weights, d, self.spec, self.library, chain=_plain_stack(state.model)).items()}
+            masks = make_masks(weights, d, self.spec, self.library, chain=_plain_stack(state.model))
+            if self.rewire_fraction(state.epoch) > 0 and self.grad is not None:
+                masks = self._rewired(masks, weights, self.rewire_fraction(state.epoch), state.optimizer)
+            self.masks = {n: m.to(weights[n].dtype) for n, m in masks.items()}
+            if self.rewire_fraction(state.epoch + 1) == 0:
+                self.grad = None
         self.apply(state)
         state.metrics["density"] = self.density()
 
     def after_step(self, state):
         self.apply(state)
+        if self.rewire_fraction(state.epoch + 1) > 0:  # the next mask update regrows by these gradients
+            params, _ = self._bound(state.model)
+            if self.grad is None:
+                self.grad = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(self.masks, params)}
+            torch._foreach_lerp_(list(self.grad.values()), [p.grad.float() for p in params], 0.1)
+
+    def rewire_fraction(self, epoch: int) -> float:
+        """Fraction of survivors swapped at the mask update before ``epoch``: 0 after the ramp, and at
+        its last update, so the final mask is pure magnitude."""
+        if not self.rewire or epoch >= self.ramp:
+            return 0.0
+        return self.rewire * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / self.ramp))
+
+    @torch.no_grad()
+    def _rewired(self, masks: dict, weights: dict, fraction: float, optimizer) -> dict:
+        out = {}
+        for n, keep in masks.items():
+            free = ~keep
+            swap = min(int(fraction * int(keep.sum())), int(free.sum()))
+            if swap == 0:
+                out[n] = keep
+                continue
+            magnitude = weights[n].detach().abs().float().masked_fill(free, float("inf"))
+            # Grown among the weights pruned before this update, so none just dropped comes straight back.
+            growth = self.grad[n].to(keep.device).abs().masked_fill(keep, -1.0)
+            drop = torch.zeros(keep.numel(), dtype=torch.bool, device=keep.device)
+            grow = drop.clone()
+            drop[magnitude.flatten().topk(swap, largest=False).indices] = True
+            grow[growth.flatten().topk(swap).indices] = True
+            drop, grow = drop.view_as(keep), grow.view_as(keep)
+            weights[n].masked_fill_(grow, 0)      # regrown weights start at zero (spec §5.8b)
+            buf = (optimizer.state.get(weights[n]) or {}).get("momentum_buffer")
+            if buf is not None:
+                buf.masked_fill_(grow, 0)
+            out[n] = (keep & ~drop) | grow
+        return out
 
     @torch.no_grad()
     def apply(self, state):
@@ -82,6 +137,7 @@ class MaskCallback(Callback):
             if next(iter(self.masks.values())).device != params[0].device:  # restored on the CPU
                 self.masks = {n: m.to(weights[n]) for n, m in self.masks.items()}
                 self.library = None if self.library is None else self.library.to(params[0].device)
+                self.grad = None if self.grad is None else {n: g.to(params[0].device) for n, g in self.grad.items()}
             self._bound_to, self._lists = (model, self.masks), (params, list(self.masks.values()))
         return self._lists
 
@@ -92,9 +148,11 @@ class MaskCallback(Callback):
         d = {"masks": {n: m.bool().cpu() for n, m in self.masks.items()}, "d0": self.d0}
         if self.library is not None:
             d["library"] = self.library.cpu()
+        if self.grad is not None:  # a resumed ramp regrows exactly as the uninterrupted one would
+            d["grad"] = {n: g.cpu() for n, g in self.grad.items()}
         return d
 
     def load_state_dict(self, d):
         # Restored on the CPU; ``apply`` moves them next to the weights on first use.
-        self.d0, self.library = d["d0"], d.get("library")
+        self.d0, self.library, self.grad = d["d0"], d.get("library"), d.get("grad")
         self.masks = {n: m.float() for n, m in d["masks"].items()}

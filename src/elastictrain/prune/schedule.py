@@ -19,7 +19,7 @@ import torch
 
 from ..models.common import prunable_weights
 from ..train import Callback
-from .masks import PruneSpec, make_masks, pattern_library
+from .masks import PruneSpec, make_masks, pattern_library, topk_mask
 
 
 def _plain_stack(model) -> bool:
@@ -71,8 +71,9 @@ class MaskCallback(Callback):
             d = density_at((state.epoch + 1) / self.ramp, self.d0, self.target)
             weights = prunable_weights(state.model)
             masks = make_masks(weights, d, self.spec, self.library, chain=_plain_stack(state.model))
-            if self.rewire_fraction(state.epoch) > 0 and self.grad is not None:
-                masks = self._rewired(masks, weights, self.rewire_fraction(state.epoch), state.optimizer)
+            fraction = self.rewire_fraction(state.epoch)
+            if fraction > 0 and self.grad is not None:
+                masks = self._rewired(masks, weights, fraction, state.optimizer)
             self.masks = {n: m.to(weights[n].dtype) for n, m in masks.items()}
             if self.rewire_fraction(state.epoch + 1) == 0:
                 self.grad = None
@@ -106,11 +107,7 @@ class MaskCallback(Callback):
             magnitude = weights[n].detach().abs().float().masked_fill(free, float("inf"))
             # Grown among the weights pruned before this update, so none just dropped comes straight back.
             growth = self.grad[n].to(keep.device).abs().masked_fill(keep, -1.0)
-            drop = torch.zeros(keep.numel(), dtype=torch.bool, device=keep.device)
-            grow = drop.clone()
-            drop[magnitude.flatten().topk(swap, largest=False).indices] = True
-            grow[growth.flatten().topk(swap).indices] = True
-            drop, grow = drop.view_as(keep), grow.view_as(keep)
+            drop, grow = topk_mask(-magnitude, swap), topk_mask(growth, swap)
             weights[n].masked_fill_(grow, 0)      # regrown weights start at zero (spec §5.8b)
             buf = (optimizer.state.get(weights[n]) or {}).get("momentum_buffer")
             if buf is not None:

@@ -393,6 +393,26 @@ def test_distill_loss_values():
     assert _distill(ce, out, teacher, t_logits, cfg).item() == pytest.approx(0.25 * 1.25 + 0.75 * 4 * kl.item(), rel=1e-6)
 
 
+def test_objective_distils_only_the_clean_term_of_the_hybrid_loss():
+    from elastictrain.train import _distill, objective
+    g = torch.Generator().manual_seed(0)
+    out, out_adv, t_logits = (torch.randn(6, 4, generator=g) for _ in range(3))
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    ce, ce_adv = F.cross_entropy(out, y), F.cross_entropy(out_adv, y)
+    plain = TrainConfig(adversarial_beta=0.3)
+    assert objective(out, None, y, None, None, TrainConfig()).item() == pytest.approx(ce.item())
+    assert objective(out, out_adv, y, None, None, plain).item() == pytest.approx(0.3 * ce.item() + 0.7 * ce_adv.item())
+    cfg = TrainConfig(adversarial_beta=0.3, distill_alpha=0.75, distill_temperature=2.0)
+    kd = _distill(ce, out, nn.Identity(), t_logits, cfg)
+    # the adversarial term keeps its weight 0.7; distillation reshapes the clean 0.3 only
+    assert objective(out, out_adv, y, t_logits, nn.Identity(), cfg).item() == pytest.approx(
+        0.3 * kd.item() + 0.7 * ce_adv.item(), rel=1e-6)
+    # a teacher equal to the student leaves (1 - alpha)·CE of the clean term
+    assert objective(out, out_adv, y, out, nn.Identity(), cfg).item() == pytest.approx(
+        0.3 * 0.25 * ce.item() + 0.7 * ce_adv.item(), rel=1e-6)
+    assert objective(out, None, y, t_logits, nn.Identity(), cfg).item() == pytest.approx(kd.item(), rel=1e-6)
+
+
 def test_distillation_pulls_the_student_towards_the_teacher(mnist):
     train, test = loaders(mnist, n_train=512, bs=64)
     teacher, _ = fit(small_mlp(), train, test, TrainConfig(epochs=2, lr=0.05), device="cpu", progress=False)

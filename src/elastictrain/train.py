@@ -51,7 +51,8 @@ class TrainConfig:
     # keeps rank 0's. Single process only.
     bn_splits: int = 1
     # Knowledge distillation from a teacher passed to ``fit`` (not in ElasticTrain; spec §5.8 lists it
-    # as an extension): loss = (1 - alpha)·CE + alpha·T²·KL(teacher_T || student_T).
+    # as an extension): loss = (1 - alpha)·CE + alpha·T²·KL(teacher_T || student_T); with adversarial
+    # training, in the clean term only (``objective``).
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
     # Adversarial training (spec §5.9, DNR's hybrid loss): loss = beta·CE(x) + (1 - beta)·CE(PGD(x)),
@@ -99,6 +100,7 @@ class Callback:
     def before_epoch(self, state): ...
     def after_step(self, state): ...
     def after_epoch(self, state): ...
+    def on_train_end(self, state): ...
     def state_dict(self) -> dict: return {}
     def load_state_dict(self, d: dict): ...
 
@@ -219,13 +221,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                 forward = compiled(state.model, eager=state.defer_compile)
                 if config.adversarial_beta < 1:
                     out, out_adv = forward(torch.cat([x, x_adv])).chunk(2)
-                    loss = (config.adversarial_beta * F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
-                            + (1 - config.adversarial_beta) * F.cross_entropy(out_adv, y, label_smoothing=config.label_smoothing))
                 else:
-                    out = _split_forward(forward, state.model, x, config.bn_splits)
-                    loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
-                if teacher is not None:
-                    loss = _distill(loss, out, teacher, x, config)
+                    out, out_adv = _split_forward(forward, state.model, x, config.bn_splits), None
+                loss = objective(out, out_adv, y, x, teacher, config)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
@@ -260,6 +258,8 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
             if distributed.is_main():
                 _save(state, checkpoint_path, callbacks, train_loader)
             distributed.barrier()  # no rank runs ahead (or resumes) before the file is complete
+    for cb in callbacks:
+        cb.on_train_end(state)
     return state.model, pd.DataFrame(state.history)
 
 
@@ -308,6 +308,20 @@ def _split_forward(forward, model, x, splits: int):
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
     return torch.cat(outs)
+
+
+def objective(out, out_adv, y, x, teacher, config: TrainConfig) -> torch.Tensor:
+    """One batch's training loss: cross-entropy on ``out`` (the logits of ``x``), or with adversarial
+    logits DNR's hybrid beta·clean + (1 − beta)·CE(``out_adv``). A teacher's distillation replaces part of
+    the clean term only: the teacher is not robust, so its view of an adversarial image is no target,
+    and the adversarial term keeps its weight 1 − beta."""
+    clean = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+    if teacher is not None:
+        clean = _distill(clean, out, teacher, x, config)
+    if out_adv is None:
+        return clean
+    return (config.adversarial_beta * clean
+            + (1 - config.adversarial_beta) * F.cross_entropy(out_adv, y, label_smoothing=config.label_smoothing))
 
 
 def _distill(ce, out, teacher, x, config):

@@ -16,6 +16,7 @@ from .. import baselines, checkpoints
 from ..data import make_loaders
 from ..evaluation import load_shipped, ship
 from ..metrics import count_weights
+from ..averaging import WeightAverage
 from ..train import TrainConfig, default_device, evaluate, fit
 from .masks import PruneSpec
 from .schedule import MaskCallback
@@ -33,6 +34,7 @@ class PruneRecipe:
     batch_size: int = 512
     pattern_size: int = 8
     rewire: float = 0.0             # RigL/DNR swap fraction at the first ramp update (MaskCallback)
+    average: float = 0.0            # per-step decay of a weight average from the ramp's end on (0: none)
     smoke_train_images: int = 256
     smoke_test_images: int = 200
 
@@ -79,7 +81,9 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
     teacher, teacher_accuracy = baselines.teacher_model(recipe.teacher, smoke=smoke, device=device)
     if teacher is not None:
         base["teacher_accuracy"] = teacher_accuracy
-    model, history = fit(model, train_loader, test_loader, recipe.train, callbacks=[masks], device=device,
+    # After the masks, so that it averages the masked weights; the final model is that average.
+    callbacks = [masks] + ([WeightAverage(recipe.average, recipe.ramp_epochs)] if recipe.average else [])
+    model, history = fit(model, train_loader, test_loader, recipe.train, callbacks=callbacks, device=device,
                          checkpoint_path=run_state, progress=progress, teacher=teacher)
     accuracy = evaluate(model, test_loader)["top1"]
     total, nonzero = count_weights(model)
@@ -87,6 +91,7 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
                 ratio=total / nonzero, dataset="cifar10", granularity=recipe.spec.granularity,
                 balanced=recipe.spec.balanced is not None, epochs=len(history),
                 train_time_s=round(float(history["epoch_time_s"].sum()), 1),
-                device=baselines.environment()["device"], **base)
+                device=baselines.environment()["device"],
+                **({"weight_average": recipe.average} if recipe.average else {}), **base)
     run_state.unlink(missing_ok=True)
     return RowResult(model, history, accuracy, total / nonzero, path, base)

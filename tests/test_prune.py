@@ -934,3 +934,56 @@ def test_kernel_supports_and_block_nonzeros_count_a_pattern_model():
     for n, c in per_block.items():
         assert int(c.sum()) == int(masks[n].sum()), n
         assert int(c.min()) == int(c.max()), n                       # balanced: one count per layer
+
+
+# ======================================================================= BN recalibration (spec §5.8)
+
+class BnAtEpochStart(Callback):
+    """conv1's BN running mean right after the callbacks before it have run ``before_epoch``."""
+
+    def __init__(self):
+        self.means, self.tracked, self.weights = [], [], None
+
+    def before_epoch(self, state):
+        bn = state.model.features[1]
+        self.means.append(bn.running_mean.clone())
+        self.tracked.append(int(bn.num_batches_tracked))
+        self.weights = state.model.features[0].weight.detach().clone()
+
+
+def test_ramp_updates_recalibrate_bn_on_the_masked_weights():
+    from elastictrain.train import recalibrate_bn
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (64,), generator=g), "random")
+    loader = GpuLoader(split, 16, train=False)            # deterministic batches: the test can repeat them
+    cfg = TrainConfig(epochs=3, lr=0.01, eval_every=0)
+    runs = {}
+    for batches in (0, 2):
+        torch.manual_seed(0)
+        model = create_model("vgg16", widths=[8] * 13)
+        mcb, probe = MaskCallback(PruneSpec(), 0.2, ramp_epochs=2, recalibrate_batches=batches), BnAtEpochStart()
+        fit(model, loader, None, cfg, callbacks=[mcb, probe], device="cpu", progress=False)
+        runs[batches] = probe
+    # epoch 0: the first mask update; recalibration replaces the fresh model's zero means ...
+    assert torch.equal(runs[0].means[0], torch.zeros(8)) and not torch.equal(runs[2].means[0], torch.zeros(8))
+    torch.manual_seed(0)
+    fresh = create_model("vgg16", widths=[8] * 13)
+    mcb = MaskCallback(PruneSpec(), 0.2, ramp_epochs=2)
+    mcb.on_train_begin(type("S", (), {"model": fresh})())
+    masks = make_masks(prunable_weights(fresh), density_at(0.5, 1.0, 0.2), PruneSpec(), chain=True)
+    with torch.no_grad():
+        for n, w in prunable_weights(fresh).items():
+            w.mul_(masks[n])
+    recalibrate_bn(fresh, loader, 2)                        # ... by those of the masked weights, exactly
+    torch.testing.assert_close(runs[2].means[0], fresh.features[1].running_mean, rtol=1e-6, atol=1e-7)
+    # batches counted since the last reset: 2 after each ramp update (epochs 0, 1), then the 4 steps of
+    # epoch 1 on top at epoch 2, which is past the ramp and not recalibrated
+    assert runs[2].tracked == [2, 2, 6] and runs[0].tracked == [0, 4, 8]
+    assert torch.equal(runs[2].weights, runs[0].weights)   # training normalises by batch statistics
+
+
+def test_recalibrate_batches_must_not_be_negative():
+    with pytest.raises(ValueError, match="recalibrate_batches"):
+        MaskCallback(PruneSpec(), 0.1, 2, recalibrate_batches=-1)

@@ -119,6 +119,7 @@ class TrainState:
     # A callback that keeps changing the architecture (CUP-SS while pruning) sets this so the
     # epoch runs eager: recompiling (CUDA graphs) every epoch would cost more than it saves.
     defer_compile: bool = False
+    train_loader: object = None  # what fit iterates (a callback's BN recalibration reads it)
 
     def rebuild_optimizer(self):
         self.optimizer = make_optimizer(self.model, self.config)
@@ -168,7 +169,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     if device.type == "cuda":  # autotuned kernels, unless the caller asked for deterministic ones
         torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
     model = prepare_model(model, device)
-    state = TrainState(model, make_optimizer(model, config), config, device)
+    state = TrainState(model, make_optimizer(model, config), config, device, train_loader=train_loader)
     if checkpoint_path and Path(checkpoint_path).exists():
         _resume(state, checkpoint_path, callbacks, train_loader)
     else:

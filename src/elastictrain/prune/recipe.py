@@ -35,6 +35,7 @@ class PruneRecipe:
     pattern_size: int = 8
     rewire: float = 0.0             # RigL/DNR swap fraction at the first ramp update (MaskCallback)
     average: float = 0.0            # per-step decay of a weight average from the ramp's end on (0: none)
+    recalibrate_batches: int = 0    # BN recalibration batches after each ramp update (MaskCallback)
     smoke_train_images: int = 256
     smoke_test_images: int = 200
 
@@ -76,7 +77,7 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
     run_state = (Path(tempfile.mkdtemp(prefix=f"smoke-{recipe.row}-run-")) if smoke
                  else checkpoints.checkpoints_dir()) / f".{recipe.row}.run"
     masks = MaskCallback(recipe.spec, 1 / recipe.ratio, recipe.ramp_epochs, pattern_size=recipe.pattern_size,
-                         rewire=recipe.rewire)
+                         rewire=recipe.rewire, recalibrate_batches=recipe.recalibrate_batches)
     # A model of its own: the start model may be this very dense network, which training changes.
     teacher, teacher_accuracy = baselines.teacher_model(recipe.teacher, smoke=smoke, device=device)
     if teacher is not None:

@@ -12,13 +12,18 @@ update a fraction r of every layer's survivors (r from ``rewire`` down to 0 by a
 is swapped: the smallest |w| leave, and as many pruned weights with the largest |gradient| (an
 exponential average over the previous epoch's steps, DNR's momentum) come back at zero. Layer counts
 are unchanged; masks are then no longer monotone.
+
+Optional BN recalibration after each ramp update (spec §5.8: ``recalibrate_batches`` training batches in
+train mode, no gradient). It matters where a model is evaluated right after a mask change; here masks
+change at the start of an epoch and the epoch's own steps (momentum 0.1, ~98 of them at batch 512)
+replace the running statistics before the next evaluation anyway, so the rows leave it off.
 """
 import math
 
 import torch
 
 from ..models.common import prunable_weights
-from ..train import Callback
+from ..train import Callback, recalibrate_bn
 from .masks import PruneSpec, make_masks, pattern_library, topk_mask
 
 
@@ -41,7 +46,7 @@ class MaskCallback(Callback):
     """
 
     def __init__(self, spec: PruneSpec, target_density: float, ramp_epochs: int, *, pattern_size: int = 8,
-                 rewire: float = 0.0):
+                 rewire: float = 0.0, recalibrate_batches: int = 0):
         if not 0 <= rewire < 1:
             raise ValueError(f"rewire is the fraction of survivors swapped at the first mask update, in [0, 1); "
                              f"got {rewire}")
@@ -50,7 +55,9 @@ class MaskCallback(Callback):
                              f"constraint (got granularity {spec.granularity!r}, balanced={spec.balanced}); "
                              "use rewire=0 for this spec")
         self.spec, self.target, self.ramp = spec, target_density, max(1, ramp_epochs)
-        self.pattern_size, self.rewire = pattern_size, rewire
+        if recalibrate_batches < 0:
+            raise ValueError(f"recalibrate_batches must be >= 0, got {recalibrate_batches}")
+        self.pattern_size, self.rewire, self.recalibrate_batches = pattern_size, rewire, recalibrate_batches
         self.masks, self.library, self.d0 = {}, None, None
         self.grad = None      # per weight: the average dense gradient that regrowth ranks by
         self._bound_to, self._lists = (None, None), None
@@ -78,6 +85,8 @@ class MaskCallback(Callback):
             if self.rewire_fraction(state.epoch + 1) == 0:
                 self.grad = None
         self.apply(state)
+        if state.epoch < self.ramp and self.recalibrate_batches:  # statistics of the newly masked weights
+            recalibrate_bn(state.model, state.train_loader, self.recalibrate_batches)
         state.metrics["density"] = self.density()
 
     def after_step(self, state):

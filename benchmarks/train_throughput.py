@@ -7,7 +7,7 @@
 Both time one full epoch over the 50k training images after a warm-up epoch (cuDNN autotuning
 and worker start-up excluded), and report images/s. Measured: see README (GPU kind stated there).
 
-    python benchmarks/train_throughput.py [--model vgg16] [--synthetic] [--mask-density 0.02]
+    python benchmarks/train_throughput.py [--model vgg16] [--synthetic] [--mask-density 0.02] [--rewire 0.3]
 
 --synthetic replaces CIFAR-10 by random uint8 images of the same shape (timing does not depend on
 pixel values); it skips (a), which needs the real files.
@@ -49,12 +49,13 @@ def dataloader_images_per_s(model_name, root, batch=128, workers=4):
     return n / times[-1]
 
 
-def trainer_images_per_s(model_name, split, batch=512, compile=None, mask_density=None):
+def trainer_images_per_s(model_name, split, batch=512, compile=None, mask_density=None, ramp=1, rewire=0.0):
     loader = GpuLoader(split, batch, train=True, crop_pad=4, flip=True, device="cuda")
     cfg = TrainConfig(epochs=2, lr=0.05, eval_every=0, compile=compile)
-    # Masks are set once before epoch 1 (a one-epoch ramp), so epoch 2 times only their enforcement
-    # after every step, the cost that must stay under ~10% of a step.
-    callbacks = [MaskCallback(PruneSpec(), mask_density, ramp_epochs=1)] if mask_density else []
+    # Masks change only before an epoch, outside its timing, so epoch 2 times their enforcement after
+    # every step: the cost that must stay under ~10% of a step. With a 4-epoch ramp and rewiring, epoch 2
+    # also keeps the running average of the dense gradient that the next update regrows by.
+    callbacks = [MaskCallback(PruneSpec(), mask_density, ramp_epochs=ramp, rewire=rewire)] if mask_density else []
     _, hist = fit(create_model(model_name), loader, None, cfg, callbacks=callbacks, device="cuda", progress=False)
     return len(loader) * batch / hist["epoch_time_s"].iloc[-1]
 
@@ -68,6 +69,8 @@ def main():
                    help="torch.compile modes to time for our trainer ('none' = eager)")
     p.add_argument("--mask-density", type=float, default=None,
                    help="also time our trainer with unstructured masks at this density enforced every step")
+    p.add_argument("--rewire", type=float, default=0.0,
+                   help="with --mask-density: also time a rewiring ramp (gradient average every step) against the same ramp without")
     args = p.parse_args()
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
@@ -91,6 +94,11 @@ def main():
                     masked = trainer_images_per_s(name, split, b, mode, args.mask_density)
                     print(f"{name}:     with masks at density {args.mask_density}: {masked:,.0f} images/s, "
                           f"step {100 * (ours / masked - 1):+.1f}% vs unmasked", flush=True)
+                if args.mask_density and args.rewire:
+                    ramp = trainer_images_per_s(name, split, b, mode, args.mask_density, ramp=4)
+                    rewired = trainer_images_per_s(name, split, b, mode, args.mask_density, ramp=4, rewire=args.rewire)
+                    print(f"{name}:     mid-ramp, rewiring {args.rewire}: {rewired:,.0f} images/s vs {ramp:,.0f} "
+                          f"without, step {100 * (ramp / rewired - 1):+.1f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,8 @@ def trainer_images_per_s(model_name, split, batch=512, compile=None, mask_densit
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="vgg16", nargs="+")
-    p.add_argument("--batch", type=int, default=512, nargs="+", help="batch sizes for our trainer")
+    p.add_argument("--model", default=["vgg16"], nargs="+")
+    p.add_argument("--batch", type=int, default=[512], nargs="+", help="batch sizes for our trainer")
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--compile", nargs="+", default=[None], type=lambda s: None if s == "none" else s,
                    help="torch.compile modes to time for our trainer ('none' = eager)")

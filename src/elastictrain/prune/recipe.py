@@ -13,10 +13,10 @@ import pandas as pd
 import torch
 
 from .. import baselines, checkpoints
+from ..averaging import WeightAverage
 from ..data import make_loaders
 from ..evaluation import load_shipped, ship
 from ..metrics import count_weights
-from ..averaging import WeightAverage
 from ..train import TrainConfig, default_device, evaluate, fit
 from .masks import PruneSpec
 from .schedule import MaskCallback

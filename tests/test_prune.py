@@ -987,3 +987,25 @@ def test_ramp_updates_recalibrate_bn_on_the_masked_weights():
 def test_recalibrate_batches_must_not_be_negative():
     with pytest.raises(ValueError, match="recalibrate_batches"):
         MaskCallback(PruneSpec(), 0.1, 2, recalibrate_batches=-1)
+
+
+# ============================================================================ start from scratch
+
+def test_recipe_can_start_from_a_fresh_model():
+    from elastictrain.prune.recipe import PruneRecipe, _start_model
+    recipe = PruneRecipe(row="R1", spec=PruneSpec(), ratio=20, ramp_epochs=2, base="init:vgg16",
+                         train=TrainConfig(epochs=4, seed=3))
+    model, record = _start_model(recipe, smoke=True, device="cpu")
+    assert record == {"base": "init:vgg16"}
+    torch.manual_seed(3)
+    ref = create_model("vgg16")
+    for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n                              # the seeded initialisation, dense
+    assert count_weights(model) == (14_715_584, 14_715_584)
+
+
+def test_recipe_refuses_an_unknown_fresh_model():
+    from elastictrain.prune.recipe import PruneRecipe
+    with pytest.raises(ValueError, match="model name"):
+        PruneRecipe(row="R1", spec=PruneSpec(), ratio=20, ramp_epochs=2, base="init:vgg19",
+                    train=TrainConfig(epochs=4))

@@ -17,9 +17,13 @@ from ..averaging import WeightAverage
 from ..data import make_loaders
 from ..evaluation import load_shipped, ship
 from ..metrics import count_weights
+from ..models import create_model, list_models
 from ..train import TrainConfig, default_device, evaluate, fit
 from .masks import PruneSpec
 from .schedule import MaskCallback
+
+
+INIT = "init:"   # a PruneRecipe base that starts from a fresh, randomly initialised model
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class PruneRecipe:
     ratio: float                    # paper-style target: conv+linear weights / non-zeros
     ramp_epochs: int                # density falls from the start model's to 1/ratio over these
     train: TrainConfig              # epochs = ramp + fine-tuning
-    base: str = "vgg16"             # a baselines.DENSE key, or a row id to continue from
+    base: str = "vgg16"             # a baselines.DENSE key, a row id to continue from, or "init:<model>"
     teacher: str | None = None      # a baselines.DENSE key to distil from (train.distill_alpha > 0)
     batch_size: int = 512
     pattern_size: int = 8
@@ -41,6 +45,8 @@ class PruneRecipe:
 
     def __post_init__(self):
         baselines.check_teacher(self.teacher, self.train)
+        if self.base.startswith(INIT) and self.base[len(INIT):] not in list_models():
+            raise ValueError(f"base {self.base!r}: after {INIT!r} comes a model name, one of {list_models()}")
 
     def smoke(self) -> "PruneRecipe":
         return dataclasses.replace(self, ramp_epochs=1, batch_size=64, train=dataclasses.replace(
@@ -58,6 +64,9 @@ class RowResult:
 
 
 def _start_model(recipe, smoke, device):
+    if recipe.base.startswith(INIT):  # pruned while it first learns, as DNR and sparse-from-scratch methods do
+        torch.manual_seed(recipe.train.seed)
+        return create_model(recipe.base[len(INIT):]), {"base": recipe.base}
     if recipe.base in baselines.DENSE:
         dense = baselines.train_dense(baselines.DENSE[recipe.base], smoke=smoke, device=device, progress=False)
         return dense.model, {"base": recipe.base, "base_sha256": dense.sha256,

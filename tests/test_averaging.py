@@ -6,10 +6,11 @@ import dataclasses
 import pytest
 import torch
 
+from test_prune import StopAt, small_mlp, tiny_split
+
 from elastictrain.averaging import WeightAverage
-from elastictrain.data import GpuLoader, Split
+from elastictrain.data import GpuLoader
 from elastictrain.metrics import count_weights
-from elastictrain.models import create_model
 from elastictrain.models.common import prunable_weights
 from elastictrain.prune import MaskCallback, PruneSpec
 from elastictrain.train import Callback, TrainConfig, fit
@@ -20,23 +21,12 @@ def private_checkpoints_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("ELASTICTRAIN_CHECKPOINTS", str(tmp_path / "ckpts"))
 
 
-def _split(n=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
-                 torch.randint(0, 10, (n,), generator=g), "tiny-mnist")
-
-
-SPLIT = _split()
+SPLIT = tiny_split(256)
 CFG = TrainConfig(epochs=3, lr=0.05, checkpoint_every=1, eval_every=0)
 
 
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return create_model("mlp", hidden=(64, 32))
-
-
 def _fit(*callbacks, path=None, seed=0, cfg=CFG):
-    return fit(_mlp(seed), GpuLoader(SPLIT, 64, train=True, seed=1), None, cfg, callbacks=list(callbacks),
+    return fit(small_mlp(seed), GpuLoader(SPLIT, 64, train=True, seed=1), None, cfg, callbacks=list(callbacks),
                device="cpu", checkpoint_path=path, progress=False)
 
 
@@ -51,15 +41,6 @@ class Snapshots(Callback):
         self.last = live
         if state.epoch >= self.start:
             self.steps.append(live)
-
-
-class Stop(Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def before_epoch(self, state):
-        if state.epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def test_the_final_model_is_the_exact_moving_average():
@@ -116,7 +97,7 @@ def test_resume_gives_the_uninterrupted_average(averaged_pruned_run, tmp_path):
     cfg = dataclasses.replace(CFG, epochs=4)
     path = tmp_path / "run.pt"
     with pytest.raises(KeyboardInterrupt):   # the saved state holds one epoch of average
-        _fit(MaskCallback(PruneSpec(), 0.1, ramp_epochs=2), WeightAverage(0.8, start_epoch=2), Stop(3),
+        _fit(MaskCallback(PruneSpec(), 0.1, ramp_epochs=2), WeightAverage(0.8, start_epoch=2), StopAt(3),
              path=path, cfg=cfg)
     avg = WeightAverage(0.8, start_epoch=2)
     model, _ = _fit(MaskCallback(PruneSpec(), 0.1, ramp_epochs=2), avg, path=path, seed=5, cfg=cfg)

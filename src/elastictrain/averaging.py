@@ -30,7 +30,7 @@ class WeightAverage(Callback):
         self.decay, self.start = decay, start_epoch
         self.avg: dict | None = None
         self.steps = 0                 # steps averaged so far
-        self._bound_to, self._pairs = None, None
+        self._bound_to, self._lists = None, None
 
     def _live(self, model) -> dict:
         return {k: v for k, v in model.state_dict().items() if v.dtype.is_floating_point}
@@ -48,9 +48,8 @@ class WeightAverage(Callback):
                                  "CUP-SS): start the average after the last one")
             if next(iter(self.avg.values())).device != next(iter(live.values())).device:  # restored on the CPU
                 self.avg = {k: v.to(live[k].device) for k, v in self.avg.items()}
-            self._bound_to, self._pairs = state.model, list(zip(self.avg.values(), live.values()))
-        avg, live = zip(*self._pairs)
-        torch._foreach_lerp_(list(avg), list(live), 1 - self.decay)
+            self._bound_to, self._lists = state.model, (list(self.avg.values()), [live[k] for k in self.avg])
+        torch._foreach_lerp_(*self._lists, 1 - self.decay)
         self.steps += 1
 
     @torch.no_grad()
@@ -60,7 +59,7 @@ class WeightAverage(Callback):
         live = self._live(state.model)
         for k, v in live.items():
             a = self.avg[k].to(v.device)
-            if bool(((v == 0) & (a != 0)).any()) and k.endswith("weight") and v.ndim > 1:
+            if k.endswith("weight") and v.ndim > 1 and bool(((v == 0) & (a != 0)).any()):
                 raise ValueError(f"{k}: the average holds weights the final mask prunes; it began before "
                                  "the last mask change (start it after the pruning ramp)")
             v.copy_(a)
@@ -73,4 +72,4 @@ class WeightAverage(Callback):
 
     def load_state_dict(self, d):
         self.steps, self.avg = d["steps"], d.get("avg")
-        self._bound_to, self._pairs = None, None
+        self._bound_to, self._lists = None, None

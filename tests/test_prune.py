@@ -773,6 +773,41 @@ def test_resume_keeps_masks(pruned_run, tmp_path, stop):
         assert (buf[m == 0] == 0).all(), n
 
 
+def test_masks_take_their_tensors_layout_so_enforcement_stays_one_fused_kernel():
+    """``_foreach_mul_`` is fused only over pairs that share strides. The trainer's weights are
+    channels_last, ``make_masks`` returns contiguous masks, and a momentum buffer (a clone of the first
+    gradient) has whatever layout the backward chose: each mask must follow its own tensor."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 10)).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mcb = MaskCallback(PruneSpec(), 0.1, ramp_epochs=4, rewire=0.3)   # keeps a gradient average
+    state = SimpleNamespace(model=model, optimizer=opt, epoch=0, metrics={}, train_loader=None)
+    mcb.on_train_begin(state)
+    mcb.before_epoch(state)                                   # a ramp update: new masks from make_masks
+    weights = prunable_weights(model)
+    assert weights["0.weight"].stride() == (27, 1, 9, 3)      # channels_last, not (27, 9, 3, 1)
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.randint(0, 10, (4,))).backward()
+        opt.step()
+        if _ == 0:  # as if the backward had produced contiguous gradients
+            for w in weights.values():
+                opt.state[w]["momentum_buffer"] = opt.state[w]["momentum_buffer"].contiguous()
+        mcb.after_step(state)
+    bufs = {n: opt.state[w]["momentum_buffer"] for n, w in weights.items()}
+    assert bufs["0.weight"].stride() == (27, 9, 3, 1)
+    _, _, bound_bufs, buf_masks = mcb._bound(model, opt)
+    assert [b is bufs[n] for n, b in zip(weights, bound_bufs)] == [True] * 3
+    for n, w in weights.items():
+        m = mcb.masks[n]
+        assert m.stride() == w.stride() and mcb.grad[n].stride() == w.grad.stride(), n
+        assert buf_masks[list(weights).index(n)].stride() == bufs[n].stride(), n
+        assert (w[m == 0] == 0).all() and (bufs[n][m == 0] == 0).all(), n
+    assert sum(int(m.sum()) for m in mcb.masks.values()) == round(
+        sum(w.numel() for w in weights.values()) * density_at(0.25, 1.0, 0.1))
+
+
 # ======================================================================= rewiring (spec §5.8b)
 
 def test_rewire_fraction_follows_a_cosine_to_zero():

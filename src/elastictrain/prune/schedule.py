@@ -33,6 +33,13 @@ def _plain_stack(model) -> bool:
     return getattr(model, "arch", {}).get("name", "").startswith(("vgg", "mlp"))
 
 
+def _in_layout_of(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` with ``t``'s dtype, device and strides (itself when it has them already)."""
+    if (mask.dtype, mask.device, mask.stride()) == (t.dtype, t.device, t.stride()):
+        return mask
+    return torch.empty_like(t).copy_(mask)
+
+
 def density_at(tau: float, d0: float, df: float) -> float:
     tau = min(max(tau, 0.0), 1.0)
     return math.exp(math.log(df) + (math.log(d0) - math.log(df)) * (1 - tau) ** 3)
@@ -60,7 +67,7 @@ class MaskCallback(Callback):
         self.pattern_size, self.rewire, self.recalibrate_batches = pattern_size, rewire, recalibrate_batches
         self.masks, self.library, self.d0 = {}, None, None
         self.grad = None      # per weight: the average dense gradient that regrowth ranks by
-        self._bound_to, self._lists = (None, None), None
+        self._bound_to, self._lists, self._buffers = (None, None), None, None
 
     def on_train_begin(self, state):
         weights = prunable_weights(state.model)
@@ -92,9 +99,9 @@ class MaskCallback(Callback):
     def after_step(self, state):
         self.apply(state)
         if self.rewire_fraction(state.epoch + 1) > 0:  # the next mask update regrows by these gradients
-            params, _ = self._bound(state.model)
-            if self.grad is None:
-                self.grad = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(self.masks, params)}
+            params = self._bound(state.model, state.optimizer)[0]
+            if self.grad is None:  # in the gradients' layout, so the lerp below stays one fused kernel
+                self.grad = {n: torch.zeros_like(p.grad, dtype=torch.float32) for n, p in zip(self.masks, params)}
             torch._foreach_lerp_(list(self.grad.values()), [p.grad.float() for p in params], 0.1)
 
     def rewire_fraction(self, epoch: int) -> float:
@@ -126,26 +133,37 @@ class MaskCallback(Callback):
 
     @torch.no_grad()
     def apply(self, state):
-        params, masks = self._bound(state.model)
+        params, masks, bufs, buf_masks = self._bound(state.model, state.optimizer)
         torch._foreach_mul_(params, masks)
-        bufs = [(state.optimizer.state.get(p) or {}).get("momentum_buffer") for p in params]
-        live = [(b, m) for b, m in zip(bufs, masks) if b is not None]
-        if live:
-            torch._foreach_mul_([b for b, _ in live], [m for _, m in live])
+        if bufs:
+            torch._foreach_mul_(bufs, buf_masks)
 
-    def _bound(self, model):
-        """(weights, masks) as two aligned lists. Runs after every optimiser step, so the module walk
-        happens only when the model (CUP-SS, resume) or the masks (a ramp update) have changed."""
+    def _bound(self, model, optimizer):
+        """(weights, masks, momentum buffers, their masks) as aligned lists. Runs after every optimiser
+        step, so the module walk happens only when the model (CUP-SS, resume) or the masks (a ramp
+        update) have changed, and the buffer lookup only when the optimiser's buffers have.
+
+        ``_foreach_mul_`` takes its fused path only when each pair of tensors shares strides; a mask
+        built by ``make_masks`` is contiguous while the trainer's weights are channels_last, and on that
+        slow path every layer costs its own strided kernel and host-side setup. So each mask is stored
+        in its weight's layout, and each buffer gets a mask in its own: a buffer starts as a clone of
+        the first gradient, whose layout is the backward's choice."""
         # Held references, not ids: a freed dict's id can be reused by the next one.
         if self._bound_to[0] is not model or self._bound_to[1] is not self.masks:
             weights = prunable_weights(model)
             params = [weights[n] for n in self.masks]
-            if next(iter(self.masks.values())).device != params[0].device:  # restored on the CPU
-                self.masks = {n: m.to(weights[n]) for n, m in self.masks.items()}
-                self.library = None if self.library is None else self.library.to(params[0].device)
-                self.grad = None if self.grad is None else {n: g.to(params[0].device) for n, g in self.grad.items()}
-            self._bound_to, self._lists = (model, self.masks), (params, list(self.masks.values()))
-        return self._lists
+            self.masks = {n: _in_layout_of(w, m) for (n, m), w in zip(self.masks.items(), params)}
+            device = params[0].device  # restored state lives on the CPU until first use
+            self.library = None if self.library is None else self.library.to(device)
+            self.grad = None if self.grad is None else {n: g.to(device) for n, g in self.grad.items()}
+            self._bound_to, self._lists, self._buffers = (model, self.masks), (params, list(self.masks.values())), None
+        params, masks = self._lists
+        first = (optimizer.state.get(params[0]) or {}).get("momentum_buffer")
+        if self._buffers is None or self._buffers[0] is not first:
+            pairs = [(b, _in_layout_of(b, m)) for p, m in zip(params, masks)
+                     if (b := (optimizer.state.get(p) or {}).get("momentum_buffer")) is not None]
+            self._buffers = (first, [b for b, _ in pairs], [m for _, m in pairs])
+        return params, masks, self._buffers[1], self._buffers[2]
 
     def density(self) -> float:
         return sum(float(m.sum()) for m in self.masks.values()) / sum(m.numel() for m in self.masks.values())

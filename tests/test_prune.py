@@ -1005,8 +1005,6 @@ def test_ramp_updates_recalibrate_bn_on_the_masked_weights():
     assert torch.equal(runs[0].means[0], torch.zeros(8)) and not torch.equal(runs[2].means[0], torch.zeros(8))
     torch.manual_seed(0)
     fresh = create_model("vgg16", widths=[8] * 13)
-    mcb = MaskCallback(PruneSpec(), 0.2, ramp_epochs=2)
-    mcb.on_train_begin(type("S", (), {"model": fresh})())
     masks = make_masks(prunable_weights(fresh), density_at(0.5, 1.0, 0.2), PruneSpec(), chain=True)
     with torch.no_grad():
         for n, w in prunable_weights(fresh).items():

@@ -88,7 +88,7 @@ class MaskCallback(Callback):
             fraction = self.rewire_fraction(state.epoch)
             if fraction > 0 and self.grad is not None:
                 masks = self._rewired(masks, weights, fraction, state.optimizer)
-            self.masks = {n: m.to(weights[n].dtype) for n, m in masks.items()}
+            self.masks = masks  # ``_bound`` gives each its weight's dtype and layout, once
             if self.rewire_fraction(state.epoch + 1) == 0:
                 self.grad = None
         self.apply(state)
@@ -99,7 +99,7 @@ class MaskCallback(Callback):
     def after_step(self, state):
         self.apply(state)
         if self.rewire_fraction(state.epoch + 1) > 0:  # the next mask update regrows by these gradients
-            params = self._bound(state.model, state.optimizer)[0]
+            params = self._lists[0]  # bound by ``apply`` just above
             if self.grad is None:  # in the gradients' layout, so the lerp below stays one fused kernel
                 self.grad = {n: torch.zeros_like(p.grad, dtype=torch.float32) for n, p in zip(self.masks, params)}
             torch._foreach_lerp_(list(self.grad.values()), [p.grad.float() for p in params], 0.1)

@@ -7,12 +7,17 @@
 Both time one full epoch over the 50k training images after a warm-up epoch (cuDNN autotuning
 and worker start-up excluded), and report images/s. Measured: see README (GPU kind stated there).
 
-    python benchmarks/train_throughput.py [--model vgg16] [--synthetic] [--mask-density 0.02] [--rewire 0.3]
+    python benchmarks/train_throughput.py [--model vgg16] [--synthetic] [--mask-density 0.02] [--rewire 0.3] [--repeats 3]
+
+With --repeats N the trainer configurations of one model, batch and compile mode are timed N times each, round-robin,
+and each is reported as its median with every run listed: a single run favoured whichever configuration ran later
+(session 7: the unmasked fit, run first, came out 10% slower than the masked one).
 
 --synthetic replaces CIFAR-10 by random uint8 images of the same shape (timing does not depend on
 pixel values); it skips (a), which needs the real files.
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -71,6 +76,8 @@ def main():
                    help="also time our trainer with unstructured masks at this density enforced every step")
     p.add_argument("--rewire", type=float, default=0.0,
                    help="with --mask-density: also time a rewiring ramp (gradient average every step) against the same ramp without")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time each trainer configuration this many times, round-robin, and report the median")
     args = p.parse_args()
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
@@ -79,6 +86,12 @@ def main():
     else:
         split = load_split("cifar10", train=True)
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    configs = {"dense": {}}
+    if args.mask_density:
+        configs["masked"] = dict(mask_density=args.mask_density)
+        if args.rewire:
+            configs["ramp"] = dict(mask_density=args.mask_density, ramp=4)
+            configs["rewired"] = dict(mask_density=args.mask_density, ramp=4, rewire=args.rewire)
     for name in args.model:
         base = None
         if not args.synthetic:
@@ -86,19 +99,23 @@ def main():
             print(f"{name}: (a) DataLoader bs128 fp32 4 workers: {base:,.0f} images/s")
         for mode in args.compile:
             for b in args.batch:
-                ours = trainer_images_per_s(name, split, b, mode)
-                ratio = f", {ours / base:.1f}x (a)" if base else ""
+                runs = {key: [] for key in configs}
+                for _ in range(args.repeats):  # round-robin, so warm-up and clock drift hit every configuration
+                    for key, kw in configs.items():
+                        runs[key].append(trainer_images_per_s(name, split, b, mode, **kw))
+                ips = {key: statistics.median(v) for key, v in runs.items()}
+                each = {key: f" [{key} runs: " + ", ".join(f"{x:,.0f}" for x in v) + "]" if len(v) > 1 else ""
+                        for key, v in runs.items()}
+                ratio = f", {ips['dense'] / base:.1f}x (a)" if base else ""
                 print(f"{name}: (b) elastictrain fit bs{b} bf16 channels_last compile={mode}: "
-                      f"{ours:,.0f} images/s{ratio}", flush=True)
-                if args.mask_density:
-                    masked = trainer_images_per_s(name, split, b, mode, args.mask_density)
-                    print(f"{name}:     with masks at density {args.mask_density}: {masked:,.0f} images/s, "
-                          f"step {100 * (ours / masked - 1):+.1f}% vs unmasked", flush=True)
-                if args.mask_density and args.rewire:
-                    ramp = trainer_images_per_s(name, split, b, mode, args.mask_density, ramp=4)
-                    rewired = trainer_images_per_s(name, split, b, mode, args.mask_density, ramp=4, rewire=args.rewire)
-                    print(f"{name}:     mid-ramp, rewiring {args.rewire}: {rewired:,.0f} images/s vs {ramp:,.0f} "
-                          f"without, step {100 * (ramp / rewired - 1):+.1f}%", flush=True)
+                      f"{ips['dense']:,.0f} images/s{ratio}{each['dense']}", flush=True)
+                if "masked" in ips:
+                    print(f"{name}:     with masks at density {args.mask_density}: {ips['masked']:,.0f} images/s, "
+                          f"step {100 * (ips['dense'] / ips['masked'] - 1):+.1f}% vs unmasked{each['masked']}", flush=True)
+                if "rewired" in ips:
+                    print(f"{name}:     mid-ramp, rewiring {args.rewire}: {ips['rewired']:,.0f} images/s vs "
+                          f"{ips['ramp']:,.0f} without, step {100 * (ips['ramp'] / ips['rewired'] - 1):+.1f}%"
+                          f"{each['rewired']}{each['ramp']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Full reproduction: every row notebook executed in full mode, in dependency order, a few at a
-time on one GPU.
+time on one GPU, or on each of several.
 
 VGG16 at batch 512 saturates an H200 on its own: five concurrent trainings each ran ~4x slower
 than alone, so running more at once buys little throughput. Three at a time keeps the GPU busy
@@ -10,6 +10,12 @@ trained once, first, because every notebook that needs one reuses their checkpoi
     python scripts/reproduce.py --out results 02 03 08   # only these (their dependencies must exist)
     python scripts/reproduce.py --out results --detach   # start in the background and return
     python scripts/reproduce.py --out results --wait 500 # wait up to 500 s, print the status
+    python scripts/reproduce.py --out results --gpus 4 --parallel 1   # one job per GPU, four GPUs
+
+With ``--gpus N`` each job is started on the GPU with the fewest running jobs (``CUDA_VISIBLE_DEVICES``),
+``--parallel`` at a time on each. Why: one GPU shared by seven notebooks needed ~15 minutes per 200 epochs each
+(session 7), while session 8 ran the chains 02 → 03 → 08/09 (twice) and 04 → 05 each pinned to its own H200 of
+one machine, as ``--gpus`` pins jobs, in ~13 minutes for all of them.
 
 Each job's log is ``<out>/<job>.log``, each executed notebook ``<out>/<notebook>.ipynb``, and
 ``<out>/status.json`` says which jobs are pending, running, done or failed. A GPU call is capped at
@@ -62,17 +68,18 @@ JOBS = {
 }
 
 
-def run(selected, out: Path, parallel: int, poll_s=5.0):
+def run(selected, out: Path, parallel: int, gpus: int = 0, poll_s=5.0):
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PYTHONUNBUFFERED="1")
     status = {j: "pending" for j in selected}
     running, started, finished = {}, {}, {}
+    gpu = {}  # job -> the GPU it was started on (with gpus > 0)
 
     def save():  # atomically: --wait reads it while it is rewritten
         tmp = out / "status.json.tmp"
         tmp.write_text(json.dumps({"status": status, "elapsed_s": {
-            j: round(finished.get(j, time.time()) - t0, 1) for j, t0 in started.items()}}, indent=1))
+            j: round(finished.get(j, time.time()) - t0, 1) for j, t0 in started.items()}, "gpu": gpu}, indent=1))
         tmp.replace(out / "status.json")
 
     while any(s in ("pending", "running") for s in status.values()):
@@ -83,13 +90,19 @@ def run(selected, out: Path, parallel: int, poll_s=5.0):
                 del running[job]
         for job, s in status.items():
             deps = JOBS[job][0]
-            if s == "pending" and len(running) < parallel and all(status.get(d, "done") == "done" for d in deps):
+            if s == "pending" and len(running) < parallel * max(gpus, 1) and all(
+                    status.get(d, "done") == "done" for d in deps):
                 nb = JOBS[job][1]
                 cmd = _notebook(nb, out) if nb else _dense(job.split("-", 1)[1])
+                job_env = env
+                if gpus:  # the least loaded GPU; a dependency's checkpoint is in the shared checkpoints/ folder
+                    load = [sum(gpu[j] == i for j in running) for i in range(gpus)]
+                    gpu[job] = load.index(min(load))
+                    job_env = dict(env, CUDA_VISIBLE_DEVICES=str(gpu[job]))
                 log = open(out / f"{job}.log", "w")
-                running[job] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                running[job] = subprocess.Popen(cmd, cwd=ROOT, env=job_env, stdout=log, stderr=subprocess.STDOUT)
                 status[job], started[job] = "running", time.time()
-            elif s == "pending" and any(status.get(d, "").startswith("failed") for d in deps):
+            elif s == "pending" and any(status.get(d, "").startswith(("failed", "skipped")) for d in deps):
                 status[job] = "skipped (a dependency failed)"
         save()
         time.sleep(poll_s)
@@ -111,7 +124,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("jobs", nargs="*", help=f"jobs to run (default: all of {', '.join(JOBS)})")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--parallel", type=int, default=3, help="jobs at a time (one GPU saturates at ~3)")
+    ap.add_argument("--parallel", type=int, default=3, help="jobs at a time on each GPU (one GPU saturates at ~3)")
+    ap.add_argument("--gpus", type=int, default=0, help="spread the jobs over this many GPUs (0: leave the device alone)")
     ap.add_argument("--detach", action="store_true", help="run in a new session and return at once")
     ap.add_argument("--wait", type=float, metavar="SECONDS", help="only wait for a detached run")
     a = ap.parse_args()
@@ -122,11 +136,14 @@ def main():
         ap.error(f"unknown jobs {unknown}; known: {list(JOBS)}")
     if a.detach:
         a.out.mkdir(parents=True, exist_ok=True)
-        subprocess.Popen([sys.executable, __file__, "--out", str(a.out), "--parallel", str(a.parallel), *a.jobs],
+        subprocess.Popen([sys.executable, __file__, "--out", str(a.out), "--parallel", str(a.parallel),
+                          "--gpus", str(a.gpus), *a.jobs],
                          start_new_session=True,
                          stdout=open(a.out / "reproduce.log", "w"), stderr=subprocess.STDOUT)
         return print(f"started in the background; follow {a.out}/status.json")
-    status = run([j for j in JOBS if j in a.jobs] if a.jobs else list(JOBS), a.out, a.parallel)
+    if a.gpus < 0 or a.parallel < 1:
+        ap.error("--gpus must be >= 0 and --parallel >= 1")
+    status = run([j for j in JOBS if j in a.jobs] if a.jobs else list(JOBS), a.out, a.parallel, a.gpus)
     print(json.dumps(status, indent=1))
     sys.exit(any(s != "done" for s in status.values()))
 

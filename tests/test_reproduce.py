@@ -1,0 +1,55 @@
+"""scripts/reproduce.py schedules jobs by their dependencies and, with gpus > 0, pins each to the least loaded GPU."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def reproduce(monkeypatch):
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # Fake jobs: each prints the GPU it sees and sleeps, so jobs started together overlap.
+    script = "import os, time; print('gpu', os.environ.get('CUDA_VISIBLE_DEVICES', '-')); time.sleep(0.4)"
+    monkeypatch.setattr(mod, "_dense", lambda name: [sys.executable, "-c", script])
+    # (A job without a notebook is a dense baseline named after its "dense-" prefix.)
+    monkeypatch.setattr(mod, "JOBS", {"dense-a": ([], None), "dense-b": (["dense-a"], None),
+                                      "dense-c": (["dense-a"], None), "dense-d": ([], None),
+                                      "dense-e": (["dense-b"], None)})
+    return mod
+
+
+def _gpu_seen(out, job):
+    return (out / f"{job}.log").read_text().split()[-1]
+
+
+def test_jobs_spread_over_gpus_least_loaded_first(reproduce, tmp_path):
+    status = reproduce.run(list(reproduce.JOBS), tmp_path, parallel=1, gpus=2, poll_s=0.02)
+    assert set(status.values()) == {"done"}
+    record = json.loads((tmp_path / "status.json").read_text())
+    # a and d start together on GPUs 0 and 1; b and c wait for a, then share the two GPUs.
+    assert record["gpu"]["dense-a"] == 0 and record["gpu"]["dense-d"] == 1
+    assert sorted([record["gpu"]["dense-b"], record["gpu"]["dense-c"]]) == [0, 1]
+    for job, g in record["gpu"].items():
+        assert _gpu_seen(tmp_path, job) == str(g)
+    assert len(record["gpu"]) == 5
+
+
+def test_without_gpus_the_device_is_left_alone(reproduce, tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    status = reproduce.run(["dense-a", "dense-b"], tmp_path, parallel=2, poll_s=0.02)
+    assert status == {"dense-a": "done", "dense-b": "done"}
+    assert json.loads((tmp_path / "status.json").read_text())["gpu"] == {}
+    assert _gpu_seen(tmp_path, "dense-b") == "-"
+
+
+def test_a_failed_dependency_skips_its_dependants(reproduce, tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "_dense", lambda name: [sys.executable, "-c", "raise SystemExit(3)"])
+    status = reproduce.run(["dense-a", "dense-b", "dense-e", "dense-d"], tmp_path, parallel=1, gpus=2, poll_s=0.02)
+    assert status["dense-a"] == "failed (3)" and status["dense-d"] == "failed (3)"
+    assert status["dense-b"].startswith("skipped") and status["dense-e"].startswith("skipped")

@@ -13,9 +13,8 @@ trained once, first, because every notebook that needs one reuses their checkpoi
     python scripts/reproduce.py --out results --gpus 4 --parallel 1   # one job per GPU, four GPUs
 
 With ``--gpus N`` each job is started on the GPU with the fewest running jobs (``CUDA_VISIBLE_DEVICES``),
-``--parallel`` at a time on each. Why: one GPU shared by seven notebooks needed ~15 minutes per 200 epochs each
-(session 7), while session 8 ran the chains 02 → 03 → 08/09 (twice) and 04 → 05 each pinned to its own H200 of
-one machine, as ``--gpus`` pins jobs, in ~13 minutes for all of them.
+``--parallel`` at a time on each: since one GPU saturates at about three jobs, more GPUs, not more jobs per GPU, are
+what shortens a full run (measured runs: README, ``benchmarks/results/prune_variants.md``).
 
 Each job's log is ``<out>/<job>.log``, each executed notebook ``<out>/<notebook>.ipynb``, and
 ``<out>/status.json`` says which jobs are pending, running, done or failed. A GPU call is capped at
@@ -134,6 +133,8 @@ def main():
     unknown = [j for j in a.jobs if j not in JOBS]
     if unknown:
         ap.error(f"unknown jobs {unknown}; known: {list(JOBS)}")
+    if a.gpus < 0 or a.parallel < 1:  # before --detach, so a bad call fails here and not in the background
+        ap.error("--gpus must be >= 0 and --parallel >= 1")
     if a.detach:
         a.out.mkdir(parents=True, exist_ok=True)
         subprocess.Popen([sys.executable, __file__, "--out", str(a.out), "--parallel", str(a.parallel),
@@ -141,8 +142,6 @@ def main():
                          start_new_session=True,
                          stdout=open(a.out / "reproduce.log", "w"), stderr=subprocess.STDOUT)
         return print(f"started in the background; follow {a.out}/status.json")
-    if a.gpus < 0 or a.parallel < 1:
-        ap.error("--gpus must be >= 0 and --parallel >= 1")
     status = run([j for j in JOBS if j in a.jobs] if a.jobs else list(JOBS), a.out, a.parallel, a.gpus)
     print(json.dumps(status, indent=1))
     sys.exit(any(s != "done" for s in status.values()))

@@ -182,41 +182,6 @@ def dense_training_time(name: str) -> dict | None:
             "compile": baselines.DENSE[name].train.compile}
 
 
-def dense_reference(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> dict:
-    """Issue 5's wall-time comparison, made fair: the row's architecture trained dense from the same
-    seed with the row's own recipe (batch, lr, schedule, weight decay, epochs), in the same process
-    on the same GPU. The dense shapes never change, so it compiles from the first epoch, which CUP-SS
-    can do only once pruning stops. Nothing is shipped or checkpointed: only its figures matter."""
-    device = torch.device(device or default_device())
-    if smoke:
-        cfg = cfg.smoke()
-    train_loader, test_loader = _loaders(cfg, smoke, device, cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
-    model, history = fit(create_model(cfg.model), train_loader, test_loader, cfg.train, device=device,
-                         progress=progress)
-    times = history["epoch_time_s"]
-    best, best_e = best_epoch(history)
-    return {"model": cfg.model, "epochs": len(history), "train_time_s": round(float(times.sum()), 1),
-            "s_per_epoch": float(times.median()), "accuracy": evaluate(model, test_loader)["top1"],
-            "best_epoch_accuracy": best, "best_epoch": best_e,
-            "params": count_params(model), "flops": count_flops(model), "compile": cfg.train.compile}
-
-
-def wall_time_table(results: dict, dense: dict) -> pd.DataFrame:
-    """Training wall time and final accuracy of each CUP-SS row beside the dense run of the same recipe."""
-    rows = [{"run": f"dense {dense['model']}", "epochs": dense["epochs"], "train time (s)": dense["train_time_s"],
-             "s/epoch (median)": round(dense["s_per_epoch"], 2), "of dense time": 1.0, "pruning epochs (s)": None,
-             "final %": round(dense["accuracy"], 2), "params": dense["params"], "FLOPs": dense["flops"]}]
-    for rid, r in results.items():
-        s = r.summary
-        rows.append({"run": f"{rid} CUP-SS k={s['k']}", "epochs": s["epochs"], "train time (s)": s["train_time_s"],
-                     "s/epoch (median)": round(float(r.history["epoch_time_s"].median()), 2),
-                     "of dense time": round(s["train_time_s"] / dense["train_time_s"], 3),
-                     "pruning epochs (s)": s["pruning_epochs_time_s"], "final %": round(r.accuracy, 2),
-                     "params": s["params"], "FLOPs": s["flops"]})
-    return pd.DataFrame(rows)
-
-
 def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupResult:
     device = torch.device(device or default_device())
     if smoke:

@@ -251,6 +251,43 @@ def test_allocate_respects_budget_and_floors():
     assert u == {n: int(w.numel() * 38042 / N) for n, w in W.items()}
 
 
+def test_erk_allocation_follows_layer_shapes():
+    # ERK wants ε·(F + C + kh + kw) weights per layer: 86, 198, 390 and 266 parts for W's layers.
+    scores = {n: w ** 2 for n, w in W.items()}
+    costs = {n: 1 for n in W}
+    shapes = {n: tuple(w.shape) for n, w in W.items()}
+    spec = PruneSpec(allocation="erk", floors=False)
+    assert allocate(scores, costs, 4700, spec, shapes=shapes) == {"conv1": 430, "conv2": 990, "conv3": 1950,
+                                                                 "fc": 1330}
+    # conv1's 10% floor (922) binds; the other three share the remaining 3778 by 198 : 390 : 266,
+    # i.e. 875.95, 1725.3, 1176.8, and the two weights left by rounding down go to the largest
+    # fractions (conv2, fc).
+    floored = allocate(scores, costs, 4700, PruneSpec(allocation="erk"), linear={"fc"}, shapes=shapes)
+    assert floored == {"conv1": 922, "conv2": 876, "conv3": 1725, "fc": 1177}
+    # The classifier holds 2,560 weights: at 9,400 it would want 2,660, so it keeps all, and the
+    # 6,840 left go 86 : 198 : 390 (872.76, 2009.4, 3957.8: the two rounded-off weights go to conv3, conv1).
+    capped = allocate(scores, costs, 9400, spec, shapes=shapes)
+    assert capped["fc"] == 2560 and sum(capped.values()) == 9400
+    assert capped == {"conv1": 873, "conv2": 2009, "conv3": 3958, "fc": 2560}
+    # A layer is never asked for more than its live (non-zero) items: half the classifier pruned.
+    half = dict(scores, fc=scores["fc"] * (torch.arange(2560).view(10, 256) % 2))
+    assert allocate(half, costs, 4700, spec, shapes=shapes)["fc"] == 1280
+
+
+def test_erk_masks_count_and_kernels():
+    masks = make_masks(W, 0.0123, PruneSpec(allocation="erk"))
+    check_shapes(masks)
+    assert sum(counts(masks).values()) == round(0.0123 * N)
+    for n, m in masks.items():
+        a = W[n].abs()
+        assert a[m].min() > a[~m].max(), n
+    # Kernel items cost 9 weights: the budget is met in whole kernels (the classifier fills by single weights).
+    kernel = make_masks(W, 0.05, PruneSpec("kernel", allocation="erk"))
+    assert sum(counts(kernel).values()) == round(0.05 * N)
+    for n in ("conv1", "conv2", "conv3"):
+        assert counts(kernel)[n] % 9 == 0 and kernel[n].flatten(2).all(2).sum() * 9 == counts(kernel)[n]
+
+
 # ============================================================================= make_masks (§5.3–5.7)
 
 def check_shapes(masks, weights=W):
@@ -451,7 +488,8 @@ def test_balanced_masks_keep_floors(granularity):
     (lambda: make_masks(W, 1.01, PruneSpec()), "density"),
     (lambda: make_masks(W, float("nan"), PruneSpec()), "density"),
     (lambda: PruneSpec("filter"), "granularity"),
-    (lambda: PruneSpec(allocation="erk"), "allocation"),
+    (lambda: PruneSpec(allocation="global"), "allocation"),
+    (lambda: make_masks(W, 0.05, PruneSpec(balanced=WORKLOAD, allocation="erk")), "ERK"),
     (lambda: make_masks({"c": torch.randn(8, 4, 5, 5)}, 0.5, PruneSpec("pattern"),
                         library=pattern_library(W)), "3×3"),
 ])

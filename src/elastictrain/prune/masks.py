@@ -23,14 +23,14 @@ from .structure import Structure, as_4d_shape, blocks, unblocks
 class PruneSpec:
     granularity: str = "unstructured"      # unstructured | kernel | pattern
     balanced: Structure | None = None       # e.g. WORKLOAD: the same count in every block of a layer
-    allocation: str = "lamp"                # lamp (global, scale-free) | uniform
+    allocation: str = "lamp"                # lamp (global, scale-free) | erk (by layer shape) | uniform
     floors: bool = True                     # per-layer minimum counts (spec §5.2)
 
     def __post_init__(self):
         if self.granularity not in ("unstructured", "kernel", "pattern"):
             raise ValueError(f"granularity must be unstructured, kernel or pattern, not {self.granularity!r}")
-        if self.allocation not in ("lamp", "uniform"):
-            raise ValueError(f"allocation must be lamp or uniform, not {self.allocation!r}")
+        if self.allocation not in ("lamp", "erk", "uniform"):
+            raise ValueError(f"allocation must be lamp, erk or uniform, not {self.allocation!r}")
 
 
 def lamp(scores: torch.Tensor) -> torch.Tensor:
@@ -51,12 +51,44 @@ def _floor(name: str, n_items: int, cost: int, first_conv: str, linear: bool) ->
     return min(n_items, max(1, math.ceil(weights / cost)))
 
 
+def _erk_counts(scores: dict, costs: dict, budget: int, shapes: dict, floors: dict) -> dict[str, int]:
+    """Erdős–Rényi-kernel budgets (RigL; spec §5.2's alternative): density ∝ (F + C + kh + kw) /
+    (F·C·kh·kw), so each layer keeps ε·(F + C + kh + kw) weights, clamped between its floor and its
+    live items (a positive score: a layer asked for more would keep zeros, picked by position, not
+    by any merit), with ε set so the counts fill the budget; rounding remainders go to the largest
+    fractional parts."""
+    names = list(scores)
+    lo = [floors[n] * costs[n] for n in names]
+    hi = [int((scores[n] > 0).sum()) * costs[n] for n in names]
+    want = [sum(shapes[n]) for n in names]
+    if sum(hi) <= budget:
+        return {n: h // costs[n] for n, h in zip(names, hi)}
+
+    def filled(eps):
+        return [min(max(eps * a, l), h) for a, l, h in zip(want, lo, hi)]
+    low, high = 0.0, 1.0
+    while sum(filled(high)) < budget:
+        high *= 2
+    for _ in range(200):  # bisection in float64: ends far below one weight of error
+        mid = (low + high) / 2
+        low, high = (mid, high) if sum(filled(mid)) < budget else (low, mid)
+    target = filled(high)
+    counts = {n: int(t // costs[n]) for n, t in zip(names, target)}  # t <= its layer's live weights
+    spare = budget - sum(counts[n] * costs[n] for n in names)
+    for i in sorted(range(len(names)), key=lambda i: target[i] / costs[names[i]] - counts[names[i]], reverse=True):
+        n = names[i]
+        if costs[n] <= spare and (counts[n] + 1) * costs[n] <= hi[i]:
+            counts[n] += 1
+            spare -= costs[n]
+    return counts
+
+
 def allocate(scores: dict, costs: dict, budget: int, spec: PruneSpec, linear=frozenset(),
-             granules=None) -> dict[str, int]:
+             granules=None, shapes=None) -> dict[str, int]:
     """Items kept per layer so that sum(count * cost) <= budget (in weights); ``linear`` names the
     classifier-like layers (5% floor). With ``granules`` (a balanced spec's block count per layer)
     floors are rounded up to a multiple of it, so rounding a count down to whole blocks never
-    breaks a floor."""
+    breaks a floor. ``shapes`` (each layer's weight shape) is what ERK allocates by."""
     total = sum(s.numel() * costs[n] for n, s in scores.items())
     if spec.allocation == "uniform":
         return {n: max(1, int(s.numel() * budget / total)) for n, s in scores.items()}
@@ -73,6 +105,11 @@ def allocate(scores: dict, costs: dict, budget: int, spec: PruneSpec, linear=fro
                "per block cannot be balanced)")
         raise ValueError(f"a budget of {budget} weights cannot meet {why} ({need} weights); "
                          "lower the compression ratio, set floors=False or drop the balance constraint")
+    if spec.allocation == "erk":
+        if shapes is None or granules:
+            raise ValueError("ERK allocation needs each layer's weight shape (make_masks passes them) and "
+                             "no balance constraint")
+        return _erk_counts(scores, costs, budget, shapes, floors)
     keys, item_costs, owners = [], [], []
     for i, n in enumerate(names):
         key = lamp(scores[n].float()).flatten()
@@ -177,7 +214,8 @@ def make_masks(weights: dict, density: float, spec: PruneSpec, library: torch.Te
         cut = unconnected({n: w.detach() != 0 for n, w in weights.items()})
         scores = {n: s.masked_fill(cut[n].view(*cut[n].shape, *(1,) * (s.dim() - 2)), 0)
                   for n, s in scores.items()}
-    counts = allocate(scores, costs, budget, spec, {n for n, w in weights.items() if w.dim() == 2}, granules)
+    counts = allocate(scores, costs, budget, spec, {n for n, w in weights.items() if w.dim() == 2}, granules,
+                      {n: tuple(w.shape) for n, w in weights.items()})
     masks = {}
     for n, w in weights.items():
         s = scores[n]

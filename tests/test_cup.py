@@ -294,6 +294,31 @@ def _tiny(cfg, **kw):
     return dataclasses.replace(cfg, smoke_train_images=128, smoke_test_images=64, **kw)
 
 
+def test_run_cupss_rows_side_by_side_equals_one_after_the_other():
+    from elastictrain.cup import cifar
+    from elastictrain.data import DatasetMissingError
+    rows = [_tiny(cifar.CupSSRow(rid, "resnet56", "resnet56", k=k, train=cifar.SS_TRAIN, batch_size=256,
+                                 max_flops=120_000_000)) for rid, k in (("C8", 100.0), ("C6", 0.0))]
+    try:
+        alone = cifar.run_cupss_rows(rows, smoke=True)
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+    together = cifar.run_cupss_rows(rows, smoke=True, side_by_side=True)
+    assert list(together) == ["C8", "C6"]
+    # k = 100 meets the FLOPs budget at epoch 2, k = 0 never prunes: two different rows came back
+    assert together["C8"].summary["stopped_at"] == 2 and together["C6"].summary["stopped_at"] is None
+    def timeless(summary):
+        return {k: v for k, v in summary.items() if not k.endswith("time_s")}
+    for rid, a in alone.items():
+        b = together[rid]
+        assert b.accuracy == a.accuracy and timeless(b.summary) == timeless(a.summary)
+        assert b.history.drop(columns="epoch_time_s").equals(a.history.drop(columns="epoch_time_s"))
+        # the file does not store BatchNorm's batch counters (unused: momentum is set)
+        sa, sb = ({k: v for k, v in r.model.state_dict().items() if not k.endswith("num_batches_tracked")}
+                  for r in (a, b))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), rid
+
+
 def test_run_cupss_smoke_stops_at_the_flops_budget():
     from elastictrain.cup import cifar
     from elastictrain.data import DatasetMissingError

@@ -15,7 +15,9 @@ to a few CPU steps and writes only to temporary folders.
 """
 import copy
 import dataclasses
+import multiprocessing
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from ..data import make_loaders
 from ..evaluation import ship
 from ..flops import count_flops, count_params, reduction
 from ..models import create_model
+from ..storage import load_compressed
 from ..train import TrainConfig, default_device, evaluate, fit, recalibrate_bn
 from .single_shot import CupSS
 from .surgery import cup_prune, find_t
@@ -216,6 +219,26 @@ def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupR
                 device=baselines.environment()["device"], **_rounded(summary))
     run_state.unlink(missing_ok=True)
     return CupResult(model.cpu().eval(), history, accuracy, summary, layer_widths(model), path)
+
+
+def run_cupss_rows(cfgs: list, *, smoke: bool, side_by_side: bool = False) -> dict[str, CupResult]:
+    """A notebook's CUP-SS rows: one after the other, or side by side, each in a process of its own
+    on the same device. At the paper's batch 64 the eager pruning epochs are bound by kernel launches
+    on the host, not by the GPU, so two rows share one GPU at little cost (the timings are in
+    benchmarks/results/cup_variants.md), and notebook 13 fits one 30-minute machine only side by
+    side. Results are the same either way: each row seeds itself, and a row's model is its shipped file."""
+    if not side_by_side or len(cfgs) < 2:
+        return {c.row: run_cupss(c, smoke=smoke) for c in cfgs}
+    # spawn, not fork: a forked child cannot use CUDA once the parent has touched it
+    with ProcessPoolExecutor(len(cfgs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {c.row: pool.submit(_run_cupss_detached, c, smoke) for c in cfgs}
+        results = {row: f.result() for row, f in futures.items()}
+    return {row: dataclasses.replace(r, model=load_compressed(r.path).eval()) for row, r in results.items()}
+
+
+def _run_cupss_detached(cfg, smoke):
+    """``run_cupss`` in a child process; the model goes back through its file, not through a pipe."""
+    return dataclasses.replace(run_cupss(cfg, smoke=smoke, progress=False), model=None)
 
 
 def _rounded(d: dict) -> dict:

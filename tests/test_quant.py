@@ -211,7 +211,7 @@ def test_fold_bn_keeps_the_function_and_zeroes_what_cannot_matter():
     assert counts == {"channels": sum(WIDTHS), "dead": 3, "unread": 2, "stored": sum(WIDTHS) - 2 - 2}
     bn1, bn2 = m.features[1], m.features[4]
     assert bn1.weight[:3].eq(0).all() and bn1.bias[0] == 0
-    assert float(bn1.bias[1]) == pytest.approx(float(shift1[1].detach()), rel=1e-5)
+    assert float(bn1.bias[1].detach()) == pytest.approx(float(shift1[1].detach()), rel=1e-5)
     assert bn2.weight[5:7].eq(0).all() and bn2.bias[5:7].eq(0).all()
     for conv, bn in zip(m.features[0::1], m.features[1::1]):
         if isinstance(conv, torch.nn.Conv2d):

@@ -1,6 +1,8 @@
 """Tests for elastictrain.checkpoints. Every test points ELASTICTRAIN_CHECKPOINTS at a temp folder,
 so the repository's real checkpoints/MANIFEST is never read or modified."""
+import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,6 +111,27 @@ def test_failed_save_leaves_old_file_and_no_temp_files(saved, model, monkeypatch
     assert saved.read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]
     assert ck.load_checkpoint(saved)["epoch"] == 3
+
+
+@pytest.mark.parametrize("free_mib, says_disk_full", [(3, True), (10_000, False)])
+def test_a_write_failing_on_a_full_disk_says_so(saved, model, monkeypatch, free_mib, says_disk_full):
+    # What torch.save raised when CI's disk filled up: no word of the cause.
+    def full_disk_save(obj, f, *a, **kw):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 49507392 vs 49507288")
+
+    before = saved.read_bytes()
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    usage = ck.shutil.disk_usage(saved.parent)
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage._replace(free=free_mib << 20))
+    with pytest.raises(OSError if says_disk_full else RuntimeError) as info:
+        ck.save_checkpoint(saved, model, epoch=99)
+    if says_disk_full:
+        assert info.value.errno == errno.ENOSPC and f"with {free_mib} MiB left" in str(info.value)
+        assert "unexpected pos" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+    else:  # with room to spare the cause is something else: the original error, untouched
+        assert type(info.value) is RuntimeError and str(info.value).startswith("[enforce fail")
+    assert saved.read_bytes() == before and [p.name for p in saved.parent.iterdir()] == [saved.name]
 
 
 def test_missing_file(ckpt_dir):
@@ -285,3 +308,29 @@ def test_fetch_not_hosted(ckpt_dir):
         ck.fetch("vgg16_cifar10.pt", url=(ckpt_dir / "nowhere.pt").as_uri())
     with pytest.raises(ValueError, match="bare file name"):
         ck.fetch("../escape.pt")
+
+
+def test_smoke_scratch_is_shared_with_child_processes_and_removed_at_exit(tmp_path):
+    import subprocess
+    import sys
+    child = ("from elastictrain.checkpoints import scratch_dir; d = scratch_dir('child-'); "
+             "(d / 'f').write_bytes(b'x'); print(d)")
+    parent = f"""
+import os, subprocess, sys
+from elastictrain.checkpoints import scratch_dir
+a, b = scratch_dir("smoke-E1-"), scratch_dir("smoke-E1-")
+(a / "E1.etm").write_bytes(b"1" * 1000)
+c = subprocess.run([sys.executable, "-c", {child!r}], capture_output=True, text=True, check=True).stdout.strip()
+print(a, b, c, os.environ["ELASTICTRAIN_SCRATCH"], os.path.isfile(os.path.join(c, "f")), sep="\\n")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "ELASTICTRAIN_SCRATCH"}
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env["TMPDIR"] = str(tmp)
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, env=env)
+    *paths, child_file_kept = out.stdout.split()
+    a, b, c, root = map(Path, paths)
+    assert a != b and a.parent == b.parent == c.parent == root and root.parent == tmp
+    assert a.name.startswith("smoke-E1-") and c.name.startswith("child-")
+    # the child's file outlived the child (its parent owns the root), and the root went with the parent
+    assert child_file_kept == "True" and not root.exists() and list(tmp.iterdir()) == []

@@ -8,7 +8,6 @@ there is no GPU, and writes nothing into ``checkpoints/``.
 import dataclasses
 import platform
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +149,7 @@ def train_dense(cfg: DenseConfig, *, smoke: bool, device=None, checkpoint_dir=No
         test_subset=cfg.smoke_test_images if smoke else None)
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model)
-    folder = (Path(tempfile.mkdtemp(prefix="smoke-ckpt-")) if smoke
+    folder = (checkpoints.scratch_dir("smoke-ckpt-") if smoke
               else Path(checkpoint_dir or checkpoints.checkpoints_dir()))
     path = folder / cfg.checkpoint_name
     if path.exists():

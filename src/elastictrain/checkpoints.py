@@ -3,9 +3,12 @@
 A checkpoint is a plain dict read by ``torch.load(weights_only=True)`` (no pickled code runs) that
 holds ``model.arch``, so the model is rebuilt from the file alone. A bad file raises
 CheckpointError, whose message names the file and the fix."""
+import errno
 import hashlib
 import os
 import secrets
+import shutil
+import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
@@ -18,6 +21,9 @@ import torch.nn as nn
 FORMAT, VERSION = "elastictrain-checkpoint", 1
 _PRODUCER = "notebooks/00_dense_baselines.ipynb"
 _CHUNK = 1 << 20
+# Below this much free space a failed write is reported as a full disk: torch.save then fails with
+# "[enforce fail at inline_container.cc] unexpected pos ...", which names no cause.
+_NEARLY_FULL = 64 << 20
 # What torch's weights_only unpickler accepts besides tensors and containers (optimizer and
 # scheduler state use some of these, e.g. MultiStepLR keeps its milestones in a Counter).
 _ATOMS = (bool, int, float, complex, str, bytes, torch.Size, torch.device, torch.dtype)
@@ -44,9 +50,32 @@ def checkpoints_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "checkpoints"
 
 
+_SCRATCH_ENV = "ELASTICTRAIN_SCRATCH"
+_scratch_root = None  # the TemporaryDirectory this process made, if it made one
+
+
+def scratch_root() -> Path:
+    """The temporary folder of smoke runs' files: the first process to ask creates it and removes it
+    when it exits; processes it starts afterwards (notebook kernels, spawned rows) inherit it through
+    the environment and leave its removal to it. Smoke files are never reused, and a VGG16 one weighs
+    59 MB: left in /tmp, one test run leaked ~200 MB."""
+    global _scratch_root
+    root = os.environ.get(_SCRATCH_ENV)
+    if not (root and os.path.isdir(root)):
+        _scratch_root = tempfile.TemporaryDirectory(prefix="elastictrain-smoke-")
+        root = os.environ[_SCRATCH_ENV] = _scratch_root.name
+    return Path(root)
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new folder in ``scratch_root()``."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(file)`` to a temp file beside ``path``, fsync, rename over ``path``; any exception
-    (even KeyboardInterrupt) leaves ``path`` as it was and removes the temp file."""
+    (even KeyboardInterrupt) leaves ``path`` as it was and removes the temp file. A write that fails
+    on a nearly full disk raises OSError(ENOSPC) saying so."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_EXCL rather than mkstemp: the umask, not 0600, then sets the final file's permissions.
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -56,8 +85,13 @@ def atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        free = shutil.disk_usage(path.parent).free  # before the temp file's bytes are given back
         tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and free < _NEARLY_FULL:
+            raise OSError(errno.ENOSPC, f"writing {path} failed with {free / 2**20:.0f} MiB left on its disk "
+                          f"({type(e).__name__}: {e}); free some space and run again (the previous "
+                          "file, if any, is intact)") from e
         raise
 
 

@@ -4,12 +4,11 @@ Everything here starts from the file alone: it is loaded with ``load_compressed`
 float32 on the full official test set, and its compression is counted from the rebuilt weights
 and the file's bytes, never taken from what the training run recorded.
 """
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .checkpoints import sha256_file
+from .checkpoints import scratch_dir, sha256_file
 from .flops import count_flops, count_params
 from .metrics import count_weights, dense_fp32_bytes, paper_compression
 from .models import create_model
@@ -120,7 +119,7 @@ def ship(model, row: str, *, smoke: bool, accuracy: float, test_images: int, rat
     """Write a row's final model as ``TrainedModels/<row>.etm`` with what its run measured; a smoke
     run writes to a temporary folder instead and never touches ``TrainedModels/``. ``quant`` (a
     ``quant.QuantSpec``) stores the weights as codes into its codebooks (``storage.save_compressed``)."""
-    folder = Path(tempfile.mkdtemp(prefix=f"smoke-{row}-")) if smoke else trained_models_dir()
+    folder = scratch_dir(f"smoke-{row}-") if smoke else trained_models_dir()
     meta = {"row": row, "accuracy": round(accuracy, 2), "test_images": test_images, "ratio": ratio,
             "smoke": smoke, "torch": torch.__version__, **extra}
     path = folder / f"{row}.etm"

@@ -16,7 +16,6 @@ to a few CPU steps and writes only to temporary folders.
 import copy
 import dataclasses
 import multiprocessing
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +115,7 @@ def _loaders(cfg, smoke, device, seed):
 
 
 def _run_state(row, smoke) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix=f"smoke-{row}-run-")) if smoke else checkpoints.checkpoints_dir()
+    folder = checkpoints.scratch_dir(f"smoke-{row}-run-") if smoke else checkpoints.checkpoints_dir()
     return folder / f".{row}.run"
 
 

@@ -5,7 +5,6 @@ Smoke mode runs the same code for a couple of steps on a subset (CPU is fine) an
 temporary folder: it never touches ``TrainedModels/`` or ``checkpoints/``.
 """
 import dataclasses
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
         "cifar10", batch_size=recipe.batch_size, seed=recipe.train.seed, device=device,
         train_subset=recipe.smoke_train_images if smoke else None,
         test_subset=recipe.smoke_test_images if smoke else None)
-    run_state = (Path(tempfile.mkdtemp(prefix=f"smoke-{recipe.row}-run-")) if smoke
+    run_state = (checkpoints.scratch_dir(f"smoke-{recipe.row}-run-") if smoke
                  else checkpoints.checkpoints_dir()) / f".{recipe.row}.run"
     masks = MaskCallback(recipe.spec, 1 / recipe.ratio, recipe.ramp_epochs, pattern_size=recipe.pattern_size,
                          rewire=recipe.rewire, recalibrate_batches=recipe.recalibrate_batches)

@@ -11,6 +11,11 @@ trained once, first, because every notebook that needs one reuses their checkpoi
     python scripts/reproduce.py --out results --detach   # start in the background and return
     python scripts/reproduce.py --out results --wait 500 # wait up to 500 s, print the status
     python scripts/reproduce.py --out results --gpus 4 --parallel 1   # one job per GPU, four GPUs
+    python scripts/reproduce.py --out results --set 13:LABEL_SMOOTHING=0.0 13   # a variant of a row
+
+``--set JOB:NAME=VALUE`` (repeatable) overrides a value of a notebook's ``parameters`` cell; papermill
+records it in the executed notebook's ``injected-parameters`` cell. A variant writes the same row files
+(``TrainedModels/``, ``checkpoints/``) as the committed recipe, so run it in a copy of the repository.
 
 With ``--gpus N`` each job is started on the GPU with the fewest running jobs (``CUDA_VISIBLE_DEVICES``),
 ``--parallel`` at a time on each: since one GPU saturates at about three jobs, more GPUs, not more jobs per GPU, are
@@ -21,12 +26,15 @@ Each job's log is ``<out>/<job>.log``, each executed notebook ``<out>/<notebook>
 10 minutes; ``--detach`` lets the work outlive the call while later calls ``--wait`` on it.
 """
 import argparse
+import ast
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +45,49 @@ def _dense(name):
             "print(f'final-epoch accuracy {r.accuracy:.2f}% in {r.train_time_s:.0f} s; sha256 {r.sha256}')"]
 
 
-def _notebook(name, out):
+def _source(name) -> Path:
     # A row's notebook waits in notebooks_pending/ until its first full run has been committed.
-    src = next(p for d in ("notebooks", "notebooks_pending") if (p := ROOT / d / f"{name}.ipynb").exists())
-    return ["papermill", str(src), str(out / f"{name}.ipynb"),
-            "--cwd", str(ROOT / "notebooks"), "-k", "python3", "--log-output"]
+    return next(p for d in ("notebooks", "notebooks_pending") if (p := ROOT / d / f"{name}.ipynb").exists())
+
+
+def _notebook(name, out, params=None):
+    extra = ["-y", yaml.safe_dump(params)] if params else []
+    return ["papermill", str(_source(name)), str(out / f"{name}.ipynb"),
+            "--cwd", str(ROOT / "notebooks"), "-k", "python3", "--log-output", *extra]
+
+
+def _parameter_names(name) -> set:
+    cells = json.loads(_source(name).read_text())["cells"]
+    cell = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
+    tree = ast.parse("".join(cell["source"]))
+    return {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+
+
+def parse_sets(items) -> dict:
+    """``["13:LR=0.05", ...]`` -> ``{"13": {"LR": 0.05}}``: a value is a Python literal, a name one
+    that the notebook's parameters cell assigns (papermill would inject a misspelt one unread)."""
+    sets = {}
+    for item in items:
+        job, sep, assignment = item.partition(":")
+        name, eq, text = assignment.partition("=")
+        if not (sep and eq):
+            raise ValueError(f"--set {item!r}: write JOB:NAME=VALUE, e.g. 13:LABEL_SMOOTHING=0.0")
+        if job not in JOBS or JOBS[job][1] is None:
+            raise ValueError(f"--set {item!r}: {job!r} is not a notebook job; those are "
+                             f"{[j for j, (_, nb) in JOBS.items() if nb]}")
+        known = _parameter_names(JOBS[job][1])
+        if name not in known:
+            raise ValueError(f"--set {item!r}: notebook {job}'s parameters are {sorted(known)}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--set {item!r}: {text!r} is not a Python literal (quote a string: {name}='text')")
+        # papermill reads YAML: a tuple would come back a list
+        if yaml.safe_load(yaml.safe_dump(value)) != value:
+            raise ValueError(f"--set {item!r}: use a number, string, bool, None, or a list or dict of those")
+        sets.setdefault(job, {})[name] = value
+    return sets
 
 
 # job -> (dependencies, notebook or None for a dense baseline), in the order jobs are started:
@@ -67,7 +113,7 @@ JOBS = {
 }
 
 
-def run(selected, out: Path, parallel: int, gpus: int = 0, poll_s=5.0):
+def run(selected, out: Path, parallel: int, gpus: int = 0, poll_s=5.0, sets=None):
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PYTHONUNBUFFERED="1")
@@ -92,7 +138,7 @@ def run(selected, out: Path, parallel: int, gpus: int = 0, poll_s=5.0):
             if s == "pending" and len(running) < parallel * max(gpus, 1) and all(
                     status.get(d, "done") == "done" for d in deps):
                 nb = JOBS[job][1]
-                cmd = _notebook(nb, out) if nb else _dense(job.split("-", 1)[1])
+                cmd = _notebook(nb, out, (sets or {}).get(job)) if nb else _dense(job.split("-", 1)[1])
                 job_env = env
                 if gpus:  # the least loaded GPU; a dependency's checkpoint is in the shared checkpoints/ folder
                     load = [sum(gpu[j] == i for j in running) for i in range(gpus)]
@@ -127,6 +173,8 @@ def main():
     ap.add_argument("--gpus", type=int, default=0, help="spread the jobs over this many GPUs (0: leave the device alone)")
     ap.add_argument("--detach", action="store_true", help="run in a new session and return at once")
     ap.add_argument("--wait", type=float, metavar="SECONDS", help="only wait for a detached run")
+    ap.add_argument("--set", action="append", default=[], metavar="JOB:NAME=VALUE",
+                    help="override a notebook parameter (repeatable), e.g. 13:LABEL_SMOOTHING=0.0")
     a = ap.parse_args()
     if a.wait is not None:
         return wait(a.out, a.wait)
@@ -135,14 +183,21 @@ def main():
         ap.error(f"unknown jobs {unknown}; known: {list(JOBS)}")
     if a.gpus < 0 or a.parallel < 1:  # before --detach, so a bad call fails here and not in the background
         ap.error("--gpus must be >= 0 and --parallel >= 1")
+    try:
+        sets = parse_sets(a.set)
+    except ValueError as e:
+        ap.error(str(e))
+    idle = sorted(set(sets) - set(a.jobs or JOBS))
+    if idle:
+        ap.error(f"--set names jobs that this call does not run: {idle}")
     if a.detach:
         a.out.mkdir(parents=True, exist_ok=True)
         subprocess.Popen([sys.executable, __file__, "--out", str(a.out), "--parallel", str(a.parallel),
-                          "--gpus", str(a.gpus), *a.jobs],
+                          "--gpus", str(a.gpus), *(f"--set={x}" for x in a.set), *a.jobs],
                          start_new_session=True,
                          stdout=open(a.out / "reproduce.log", "w"), stderr=subprocess.STDOUT)
         return print(f"started in the background; follow {a.out}/status.json")
-    status = run([j for j in JOBS if j in a.jobs] if a.jobs else list(JOBS), a.out, a.parallel, a.gpus)
+    status = run([j for j in JOBS if j in a.jobs] if a.jobs else list(JOBS), a.out, a.parallel, a.gpus, sets=sets)
     print(json.dumps(status, indent=1))
     sys.exit(any(s != "done" for s in status.values()))
 

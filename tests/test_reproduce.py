@@ -1,6 +1,7 @@
 """scripts/reproduce.py schedules jobs by their dependencies and, with gpus > 0, pins each to the least loaded GPU."""
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,3 +54,34 @@ def test_a_failed_dependency_skips_its_dependants(reproduce, tmp_path, monkeypat
     status = reproduce.run(["dense-a", "dense-b", "dense-e", "dense-d"], tmp_path, parallel=1, gpus=2, poll_s=0.02)
     assert status["dense-a"] == "failed (3)" and status["dense-d"] == "failed (3)"
     assert status["dense-b"].startswith("skipped") and status["dense-e"].startswith("skipped")
+
+
+def test_set_parses_literals_for_parameters_the_notebook_has(reproduce, monkeypatch):
+    monkeypatch.setattr(reproduce, "JOBS", {"13": ([], "13_vgg16_cupss"), "dense-vgg16": ([], None)})
+    sets = reproduce.parse_sets(["13:WD_AFTER_STOP=None", "13:WEIGHT_DECAY=1e-5", "13:KS={'C4': 0.02}",
+                                 "13:SIDE_BY_SIDE=True"])
+    assert sets == {"13": {"WD_AFTER_STOP": None, "WEIGHT_DECAY": 1e-5, "KS": {"C4": 0.02}, "SIDE_BY_SIDE": True}}
+    for bad, why in [("13:LABEL_SMOTHING=0.0", "parameters are"),   # misspelt: not in the parameters cell
+                     ("dense-vgg16:EPOCHS=1", "not a notebook job"), ("14:EPOCHS=1", "not a notebook job"),
+                     ("13:EPOCHS", "JOB:NAME=VALUE"), ("13:SEED=zero", "not a Python literal"),
+                     ("13:KS=(1, 2)", "a list or dict")]:
+        with pytest.raises(ValueError, match=why):
+            reproduce.parse_sets([bad])
+
+
+def test_set_reaches_the_executed_notebook_with_its_type(reproduce, tmp_path, monkeypatch):
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("WD = 5e-4\nKEEP = None", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("print(type(WD).__name__, WD, KEEP)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "toy.ipynb")
+    monkeypatch.setattr(reproduce, "JOBS", {"toy": ([], "toy")})
+    monkeypatch.setattr(reproduce, "_source", lambda name: tmp_path / f"{name}.ipynb")
+    # 1e-05 as YAML text would be read back as a string: the float must arrive as a float
+    sets = reproduce.parse_sets(["toy:WD=1e-5", "toy:KEEP={'fc1': 100}"])
+    cmd = reproduce._notebook("toy", tmp_path / "out", sets["toy"])
+    (tmp_path / "out").mkdir()
+    subprocess.run([sys.executable, "-m", *cmd], check=True, capture_output=True, cwd=tmp_path)
+    ran = nbformat.read(tmp_path / "out" / "toy.ipynb", as_version=4)
+    assert ran.cells[-1].outputs[0]["text"] == "float 1e-05 {'fc1': 100}\n"

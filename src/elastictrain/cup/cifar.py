@@ -220,19 +220,30 @@ def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupR
     return CupResult(model.cpu().eval(), history, accuracy, summary, layer_widths(model), path)
 
 
-def run_cupss_rows(cfgs: list, *, smoke: bool, side_by_side: bool = False) -> dict[str, CupResult]:
+def run_cupss_rows(cfgs: list, *, smoke: bool, side_by_side: bool = False, report=None) -> dict[str, CupResult]:
     """A notebook's CUP-SS rows: one after the other, or side by side, each in a process of its own
     on the same device. At the paper's batch 64 the eager pruning epochs are bound by kernel launches
     on the host, not by the GPU, so two rows share one GPU at little cost (the timings are in
     benchmarks/results/cup_variants.md), and notebook 13 fits one 30-minute machine only side by
-    side. Results are the same either way: each row seeds itself, and a row's model is its shipped file."""
+    side. Results are the same either way: each row seeds itself, and a row's model is its shipped file.
+    ``report(row, result)`` is called for each row, in ``cfgs``' order, once the row is done (one
+    after the other: before the next row starts, so a notebook prints each row's lines after its log)."""
+    report = report or (lambda row, result: None)
     if not side_by_side or len(cfgs) < 2:
-        return {c.row: run_cupss(c, smoke=smoke) for c in cfgs}
+        results = {}
+        for c in cfgs:
+            results[c.row] = run_cupss(c, smoke=smoke)
+            report(c.row, results[c.row])
+        return results
     # spawn, not fork: a forked child cannot use CUDA once the parent has touched it
     with ProcessPoolExecutor(len(cfgs), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {c.row: pool.submit(_run_cupss_detached, c, smoke) for c in cfgs}
-        results = {row: f.result() for row, f in futures.items()}
-    return {row: dataclasses.replace(r, model=load_compressed(r.path).eval()) for row, r in results.items()}
+        results = {}
+        for row, f in futures.items():
+            r = f.result()
+            results[row] = dataclasses.replace(r, model=load_compressed(r.path).eval())
+            report(row, results[row])
+    return results
 
 
 def _run_cupss_detached(cfg, smoke):

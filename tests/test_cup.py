@@ -294,21 +294,26 @@ def _tiny(cfg, **kw):
     return dataclasses.replace(cfg, smoke_train_images=128, smoke_test_images=64, **kw)
 
 
-def test_run_cupss_rows_side_by_side_equals_one_after_the_other():
+def test_run_cupss_rows_side_by_side_equals_one_after_the_other(monkeypatch):
     from elastictrain.cup import cifar
     from elastictrain.data import DatasetMissingError
     rows = [_tiny(cifar.CupSSRow(rid, "resnet56", "resnet56", k=k, train=cifar.SS_TRAIN, batch_size=256,
                                  max_flops=120_000_000)) for rid, k in (("C8", 100.0), ("C6", 0.0))]
+    # Side by side first, with no scratch folder yet, as in a notebook kernel: the children must
+    # write into one that outlives them.
+    monkeypatch.delenv("ELASTICTRAIN_SCRATCH", raising=False)
     reported = []
     try:
-        alone = cifar.run_cupss_rows(rows, smoke=True, report=lambda row, r: reported.append((row, r)))
+        together = cifar.run_cupss_rows(rows, smoke=True, side_by_side=True,
+                                        report=lambda row, r: reported.append((row, r)))
     except DatasetMissingError as e:
         pytest.skip(str(e))
-    together = cifar.run_cupss_rows(rows, smoke=True, side_by_side=True,
-                                    report=lambda row, r: reported.append((row, r)))
+    alone = cifar.run_cupss_rows(rows, smoke=True, report=lambda row, r: reported.append((row, r)))
     assert list(together) == ["C8", "C6"]
+    root = alone["C8"].path.parent.parent
+    assert all(r.path.is_file() and r.path.parent.parent == root for r in together.values())
     # each row reported once per call, in the rows' order, with the result that call returned
-    assert [(row, r) for row, r in reported] == [*alone.items(), *together.items()]
+    assert reported == [*together.items(), *alone.items()]
     # k = 100 meets the FLOPs budget at epoch 2, k = 0 never prunes: two different rows came back
     assert together["C8"].summary["stopped_at"] == 2 and together["C6"].summary["stopped_at"] is None
     def timeless(summary):

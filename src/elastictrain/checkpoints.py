@@ -51,7 +51,7 @@ def checkpoints_dir() -> Path:
 
 
 _SCRATCH_ENV = "ELASTICTRAIN_SCRATCH"
-_scratch_root = None  # the TemporaryDirectory this process made, if it made one
+_scratch_owned = []  # the TemporaryDirectory objects this process made: each goes at exit
 
 
 def scratch_root() -> Path:
@@ -59,11 +59,10 @@ def scratch_root() -> Path:
     when it exits; processes it starts afterwards (notebook kernels, spawned rows) inherit it through
     the environment and leave its removal to it. Smoke files are never reused, and a VGG16 one weighs
     59 MB: left in /tmp, one test run leaked ~200 MB."""
-    global _scratch_root
     root = os.environ.get(_SCRATCH_ENV)
     if not (root and os.path.isdir(root)):
-        _scratch_root = tempfile.TemporaryDirectory(prefix="elastictrain-smoke-")
-        root = os.environ[_SCRATCH_ENV] = _scratch_root.name
+        _scratch_owned.append(tempfile.TemporaryDirectory(prefix="elastictrain-smoke-"))
+        root = os.environ[_SCRATCH_ENV] = _scratch_owned[-1].name
     return Path(root)
 
 

@@ -235,6 +235,8 @@ def run_cupss_rows(cfgs: list, *, smoke: bool, side_by_side: bool = False, repor
             results[c.row] = run_cupss(c, smoke=smoke)
             report(c.row, results[c.row])
         return results
+    if smoke:  # the rows' files go to this process's scratch folder, which outlives the children
+        checkpoints.scratch_root()
     # spawn, not fork: a forked child cannot use CUDA once the parent has touched it
     with ProcessPoolExecutor(len(cfgs), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {c.row: pool.submit(_run_cupss_detached, c, smoke) for c in cfgs}

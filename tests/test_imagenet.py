@@ -181,6 +181,18 @@ def test_torchrun_command_for_a_cup_row():
         I.torchrun_command("R50-CUP-0.70", data="/in", out="/out", gpus=8)
 
 
+
+def test_full_mode_rows_read_finished_summaries_and_refuse_a_missing_imagenet(tmp_path):
+    """The notebooks' full mode: a row whose summary exists is not launched again; without ImageNet
+    nothing is launched and the message says what to set."""
+    (tmp_path / "R50-base.json").write_text(json.dumps({"top1": 76.1}))
+    (tmp_path / "R50-CUP-0.70.json").write_text(json.dumps({"top1": 74.6}))
+    results = I.run_rows(["R50-base", "R50-CUP-0.70"], smoke=False, data="/in", out=tmp_path, gpus=8)
+    assert list(results) == ["R50-base", "R50-CUP-0.70"]
+    assert [r["top1"] for r in results.values()] == [76.1, 74.6]
+    with pytest.raises(ValueError, match="IMAGENET"):
+        I.run_rows(["R50-base"], smoke=False, data=None, out=tmp_path, gpus=8)
+
 # ------------------------------------------------------------------------------- the runs
 
 def test_dense_then_cup_then_cupss_on_a_synthetic_folder(folder, tmp_path):

@@ -287,6 +287,17 @@ def launch(row_id: str, *, data, out, gpus: int, match: str = "fr") -> dict:
     return json.loads((out / f"{row_id}.json").read_text())
 
 
+def run_rows(rows, *, smoke: bool, data=None, out=None, gpus: int = 1, match: str = "fr") -> dict:
+    """Every row of an ImageNet notebook, in order. Smoke mode runs a few CPU steps of each on a tiny
+    synthetic ImageFolder in the smoke scratch folder (removed when the process or test session that
+    made it exits; accuracies mean nothing); full mode launches each row's torchrun job."""
+    if not smoke:
+        return {rid: launch(rid, data=data, out=out, gpus=gpus, match=match) for rid in rows}
+    root = checkpoints.scratch_dir("smoke-imagenet-")
+    data = imagenet.make_synthetic_imagefolder(root / "data", classes=4, per_class=8, size=72)
+    run = ImagenetRun(data, root / "out").smoke()
+    return {rid: run_row(rid, run, match=match, progress=False) for rid in rows}
+
 def results_table(results: dict) -> pd.DataFrame:
     """Ours (final epoch; best epoch labelled) beside the paper's figures (best epoch, Q9), per row."""
     out = []

@@ -18,6 +18,7 @@ from ..evaluation import load_shipped, ship
 from ..metrics import count_weights
 from ..models import create_model, list_models
 from ..train import TrainConfig, default_device, evaluate, fit
+from .admm import ADMMCallback, AdmmSchedule
 from .masks import PruneSpec
 from .schedule import MaskCallback
 
@@ -39,6 +40,9 @@ class PruneRecipe:
     rewire: float = 0.0             # RigL/DNR swap fraction at the first ramp update (MaskCallback)
     average: float = 0.0            # per-step decay of a weight average from the ramp's end on (0: none)
     recalibrate_batches: int = 0    # BN recalibration batches after each ramp update (MaskCallback)
+    # Progressive ADMM (spec §5.8c) in place of the magnitude ramp: ramp_epochs must then be its
+    # schedule.epochs, and the fine-tuning that follows is its last stage's retraining.
+    admm: AdmmSchedule | None = None
     smoke_train_images: int = 256
     smoke_test_images: int = 200
 
@@ -46,9 +50,13 @@ class PruneRecipe:
         baselines.check_teacher(self.teacher, self.train)
         if self.base.startswith(INIT) and self.base[len(INIT):] not in list_models():
             raise ValueError(f"base {self.base!r}: after {INIT!r} comes a model name, one of {list_models()}")
+        if self.admm is not None and (self.ramp_epochs != self.admm.epochs or self.rewire or self.recalibrate_batches):
+            raise ValueError(f"with ADMM, ramp_epochs must be the ADMM schedule's pruning epochs ({self.admm.epochs}, "
+                             f"got {self.ramp_epochs}) and rewire/recalibrate_batches 0 (the ramp's options)")
 
     def smoke(self) -> "PruneRecipe":
-        return dataclasses.replace(self, ramp_epochs=1, batch_size=64, train=dataclasses.replace(
+        admm = None if self.admm is None else dataclasses.replace(self.admm, stages=1, admm_epochs=1, update_every=1)
+        return dataclasses.replace(self, ramp_epochs=1, batch_size=64, admm=admm, train=dataclasses.replace(
             self.train, epochs=2, eval_every=0))
 
 
@@ -84,8 +92,9 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
         test_subset=recipe.smoke_test_images if smoke else None)
     run_state = (checkpoints.scratch_dir(f"smoke-{recipe.row}-run-") if smoke
                  else checkpoints.checkpoints_dir()) / f".{recipe.row}.run"
-    masks = MaskCallback(recipe.spec, 1 / recipe.ratio, recipe.ramp_epochs, pattern_size=recipe.pattern_size,
-                         rewire=recipe.rewire, recalibrate_batches=recipe.recalibrate_batches)
+    masks = (ADMMCallback(recipe.spec, 1 / recipe.ratio, recipe.admm) if recipe.admm is not None else
+             MaskCallback(recipe.spec, 1 / recipe.ratio, recipe.ramp_epochs, pattern_size=recipe.pattern_size,
+                          rewire=recipe.rewire, recalibrate_batches=recipe.recalibrate_batches))
     # A model of its own: the start model may be this very dense network, which training changes.
     teacher, teacher_accuracy = baselines.teacher_model(recipe.teacher, smoke=smoke, device=device)
     if teacher is not None:
@@ -101,6 +110,7 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
                 balanced=recipe.spec.balanced is not None, epochs=len(history),
                 train_time_s=round(float(history["epoch_time_s"].sum()), 1),
                 device=baselines.environment()["device"],
-                **({"weight_average": recipe.average} if recipe.average else {}), **base)
+                **({"weight_average": recipe.average} if recipe.average else {}),
+                **({"admm": dataclasses.asdict(recipe.admm)} if recipe.admm else {}), **base)
     run_state.unlink(missing_ok=True)
     return RowResult(model, history, accuracy, total / nonzero, path, base)

@@ -7,15 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from elastictrain.data import GpuLoader, Split
+from elastictrain.data import GpuLoader
 from elastictrain.metrics import count_weights
-from elastictrain.models import create_model
 from elastictrain.models.common import prunable_weights
 from elastictrain.prune import ADMMCallback, AdmmSchedule, PruneSpec, make_masks
 from elastictrain.prune.recipe import PruneRecipe
 from elastictrain.train import Callback, TrainConfig, fit
+from test_prune import MLP_N, StopAt, small_mlp, tiny_split
 
-MLP_N = 784 * 64 + 64 * 32 + 32 * 10      # 52,544 weights
 SCHEDULE = AdmmSchedule(stages=2, admm_epochs=2, retrain_epochs=1, rho=0.5, update_every=1)
 CFG = TrainConfig(epochs=6, lr=0.05, checkpoint_every=1, eval_every=0, schedule="constant")
 TARGET = 0.1
@@ -24,17 +23,6 @@ TARGET = 0.1
 @pytest.fixture(autouse=True)
 def private_checkpoints_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("ELASTICTRAIN_CHECKPOINTS", str(tmp_path / "ckpts"))
-
-
-def split(n=512, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
-                 torch.randint(0, 10, (n,), generator=g), "tiny-mnist")
-
-
-def small_mlp(seed=0):
-    torch.manual_seed(seed)
-    return create_model("mlp", hidden=(64, 32))
 
 
 class Snapshots(Callback):
@@ -50,17 +38,8 @@ class Snapshots(Callback):
         self.weights.append({n: w.detach().clone() for n, w in prunable_weights(state.model).items()})
 
 
-class StopAt(Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def before_epoch(self, state):
-        if state.epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def run(cb, *extra, path=None, seed=0):
-    loader = GpuLoader(split(), 64, train=True, seed=1)
+    loader = GpuLoader(tiny_split(), 64, train=True, seed=1)
     return fit(small_mlp(seed), loader, None, CFG, callbacks=[cb, snap := Snapshots(cb), *extra], device="cpu",
                checkpoint_path=path, progress=False) + (snap,)
 
@@ -130,7 +109,7 @@ def test_penalty_pulls_the_weights_to_be_pruned_towards_zero():
     def outside_norm(rho):
         cb = ADMMCallback(PruneSpec(), TARGET, AdmmSchedule(stages=1, admm_epochs=3, retrain_epochs=0, rho=rho,
                                                             update_every=1))
-        loader = GpuLoader(split(), 64, train=True, seed=1)
+        loader = GpuLoader(tiny_split(), 64, train=True, seed=1)
         model, _ = fit(small_mlp(), loader, None, TrainConfig(epochs=2, lr=0.05, eval_every=0, schedule="constant"),
                        callbacks=[cb], device="cpu", progress=False)
         w = prunable_weights(model)

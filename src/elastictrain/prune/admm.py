@@ -67,8 +67,8 @@ class ADMMCallback(MaskCallback):
     def before_epoch(self, state):
         s = self.schedule
         stage, e = divmod(state.epoch, s.admm_epochs + s.retrain_epochs)
+        weights = prunable_weights(state.model)
         if stage < s.stages:
-            weights = prunable_weights(state.model)
             if e < s.admm_epochs and e % s.update_every == 0:
                 self._renew(weights, self.stage_density(stage), first=e == 0)
             elif e == s.admm_epochs:  # hard projection; ``apply`` below zeroes the rest and its momentum
@@ -79,7 +79,7 @@ class ADMMCallback(MaskCallback):
         state.metrics["density"] = self.density()
         if self.z is not None:
             state.metrics["rho"] = self.rho
-            state.metrics["admm_gap"] = self.gap(prunable_weights(state.model))
+            state.metrics["admm_gap"] = self.gap(weights)
 
     @torch.no_grad()
     def _renew(self, weights: dict, density: float, first: bool):
@@ -103,12 +103,12 @@ class ADMMCallback(MaskCallback):
         super().after_step(state)
         if self.z is None:
             return
-        lr = state.optimizer.param_groups[0]["lr"]
+        k = state.optimizer.param_groups[0]["lr"] * self.rho
         params = self._lists[0]  # bound by ``apply`` in super().after_step
-        with torch.no_grad():
-            pull = torch._foreach_sub(params, self.z)
-            torch._foreach_add_(pull, self.u)
-            torch._foreach_add_(params, pull, alpha=-lr * self.rho)
+        with torch.no_grad():  # W − k·(W − Z + U) in place: no per-step allocation of weight-sized tensors
+            torch._foreach_mul_(params, 1 - k)
+            torch._foreach_add_(params, self.z, alpha=k)
+            torch._foreach_add_(params, self.u, alpha=-k)
 
     @torch.no_grad()
     def gap(self, weights: dict) -> float:

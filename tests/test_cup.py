@@ -392,11 +392,21 @@ def test_best_epoch_reads_the_history_and_skips_unevaluated_epochs():
 
 def test_latency_comparison_against_the_unpruned_architecture():
     from elastictrain.cup.speed import compare, input_shape, to_markdown
+    from elastictrain.metrics import latency_ms
     import pandas as pd
     p, _ = cup_prune(create_model("mlp"), keep={"fc1": 100, "fc2": 60})
     r = compare(p, row="C1", cpu_reps=3, rounds=1)
     assert r["FR"] == pytest.approx(1_091_610 / 170_330)
     assert r["CPU bs1 speedup"] == pytest.approx(r["CPU bs1 dense ms"] / r["CPU bs1 pruned ms"])
     assert input_shape(create_model("resnet56")) == (3, 32, 32)
+    threads = torch.get_num_threads()
+    one = compare(p, row="C1", cpu_reps=3, rounds=1, cpu_threads=1, channels_last=True)
+    assert [k for k in one if k.startswith("CPU")] == [f"CPU bs1 1t cl {s}" for s in
+                                                       ("dense ms", "pruned ms", "speedup", "speedup/FR")]
+    assert torch.get_num_threads() == threads                  # the caller's setting is restored
+    with pytest.raises(ValueError, match="cpu_threads"):
+        compare(p, cpu_threads=0)
+    with pytest.raises(ValueError, match="CUDA only"):
+        latency_ms(p, (1, 28, 28), bf16=True)
     md = to_markdown(pd.DataFrame([{"row": "C1", "FR": 6.4088}])).splitlines()
     assert md == ["| row | FR |", "|---|---|", "| C1 | 6.409 |"]

@@ -210,6 +210,64 @@ def test_adversarial_training_keeps_the_masks(monkeypatch):
             assert (buf[m == 1] != 0).float().mean() > 0.5, n      # trained, not frozen
 
 
+def test_train_config_rejects_bad_bn_statistics():
+    with pytest.raises(ValueError, match="adv_bn_stats"):
+        TrainConfig(adversarial_beta=0.5, adv_bn_stats="adversarial")
+    with pytest.raises(ValueError, match="needs adversarial training"):
+        TrainConfig(adv_bn_stats="clean")                    # beta 1: there is no adversarial half
+    assert TrainConfig(adversarial_beta=0.5, adv_bn_stats="clean").adv_bn_stats == "clean"
+
+
+@pytest.mark.parametrize("bn, shape", [(nn.BatchNorm2d(4), (6, 4, 5, 5)), (nn.BatchNorm1d(4), (6, 4))],
+                         ids=["2d", "1d"])
+def test_clean_statistics_normalise_both_halves_with_the_clean_ones(bn, shape):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    plain = copy.deepcopy(bn)
+    clean, adv = torch.randn(shape), 3 * torch.randn(shape) + 2     # the halves differ in mean and spread
+    assert attacks.use_clean_statistics(bn) is bn and type(bn) is not type(plain)
+    out = bn(torch.cat([clean, adv]))
+    # The clean half is what a plain BatchNorm gives for the clean batch alone, running statistics included.
+    assert torch.allclose(out[:6], plain(clean), atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(bn, name), getattr(plain, name), atol=1e-6), name
+    # The adversarial half is normalised with the clean half's mean and (biased) variance.
+    dims = [0] + list(range(2, len(shape)))
+    view = [1, -1] + [1] * (len(shape) - 2)
+    mean, var = clean.mean(dims).view(view), clean.var(dims, unbiased=False).view(view)
+    expected = (adv - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(view) + bn.bias.view(view)
+    assert torch.allclose(out[6:], expected, atol=1e-5)
+    assert not torch.allclose(out[6:], copy.deepcopy(plain)(torch.cat([clean, adv]))[6:], atol=1e-2)  # not the mixture
+    bn.eval(), plain.eval()
+    assert torch.allclose(bn(adv), plain(adv), atol=1e-5)       # eval mode: the running statistics, as before
+    attacks.use_clean_statistics(bn, on=False)
+    assert type(bn) is type(plain) and bn.state_dict().keys() == plain.state_dict().keys()
+
+
+def bn_digit_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 10))
+
+
+@pytest.mark.parametrize("stats", ["mixed", "clean"])
+def test_fit_keeps_running_statistics_of_the_clean_half_only_when_asked(monkeypatch, stats):
+    spy = PgdSpy()
+    monkeypatch.setattr(attacks, "pgd", spy)
+    cfg = TrainConfig(epochs=1, lr=0.05, eval_every=0, adversarial_beta=0.5, adv_steps=2, adv_bn_stats=stats)
+    model, _ = fit(bn_digit_net(), GpuLoader(tiny_split(64), 64, train=True), None, cfg, device="cpu",
+                   progress=False)
+    assert type(model[1]) is nn.BatchNorm2d                     # plain again after fit
+    start, x, _, adv, _ = spy.first
+    conv = nn.Conv2d(1, 4, 3)
+    conv.load_state_dict({k[2:]: v for k, v in start.items() if k.startswith("0.")})
+    with torch.no_grad():
+        seen = conv(x if stats == "clean" else torch.cat([x, adv]))
+    # One step from running mean 0: 0.1 × the batch mean of the images the statistics came from.
+    assert torch.allclose(model[1].running_mean, 0.1 * seen.mean((0, 2, 3)), atol=1e-6)
+
+
 # ========================================================================= robust_evaluate
 
 @pytest.fixture(scope="module")

@@ -77,3 +77,58 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
             g = _input_grad(forward, x_adv, y)
             x_adv = torch.min(torch.max(x_adv + step_size * g.sign(), x - eps), x + eps).clamp(0, 1).detach()
     return x_adv
+
+
+# Hybrid adversarial training normalises one concatenated batch [clean; adversarial], so BatchNorm's
+# batch and running statistics describe a mixture of the two, while a test image is clean. With
+# ``TrainConfig.adv_bn_stats = "clean"`` the whole batch is normalised with the clean half's
+# statistics and only those enter the running averages: training and test then normalise alike, and
+# an adversarial image is normalised at test time exactly as it was in training. (Two forwards, one
+# per half, would also give the clean half its own statistics, but the adversarial half would be
+# trained under statistics the test-time model never uses: that cost 6 points clean, see
+# benchmarks/results/robust_variants.md.) Our extension; DNR publishes no training code.
+class _CleanHalfStatistics:
+    """Train-mode forward of a BatchNorm whose batch is [clean; adversarial] in equal halves."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        clean = x[: len(x) // 2].float()
+        mean, var = clean.mean(dims), clean.var(dims, unbiased=False)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                count = clean.numel() // clean.shape[1]
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(var * count / max(count - 1, 1), momentum)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        return (x.float() * scale.view(shape) + shift.view(shape)).to(x.dtype)
+
+
+class _CleanStatsBatchNorm1d(_CleanHalfStatistics, nn.BatchNorm1d):
+    pass
+
+
+class _CleanStatsBatchNorm2d(_CleanHalfStatistics, nn.BatchNorm2d):
+    pass
+
+
+_CLEAN_STATS = {nn.BatchNorm1d: _CleanStatsBatchNorm1d, nn.BatchNorm2d: _CleanStatsBatchNorm2d}
+
+
+def use_clean_statistics(model: nn.Module, on: bool = True) -> nn.Module:
+    """Switch ``model``'s BatchNorm layers to (``on``) or back from the clean-half statistics above.
+
+    Only the class changes: parameters, buffers and the state dict are the same objects, so a
+    checkpoint written meanwhile loads into a plain model. Idempotent; returns ``model``."""
+    swap = _CLEAN_STATS if on else {v: k for k, v in _CLEAN_STATS.items()}
+    for m in model.modules():
+        if type(m) in swap:
+            m.__class__ = swap[type(m)]
+    return model

@@ -75,24 +75,35 @@ def dense_fp32_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, input_shape, *, batch: int = 1, device="cpu", reps: int = 50) -> float:
-    """Median wall time of one forward pass in float32 (CUDA: timed with events after a warm-up)."""
+def latency_ms(model: nn.Module, input_shape, *, batch: int = 1, device="cpu", reps: int = 50,
+               bf16: bool = False, channels_last: bool = False) -> float:
+    """Median wall time of one forward pass (CUDA: timed with events after a warm-up), in float32 or
+    under bf16 autocast (CUDA only, as the trainer runs), in contiguous or channels_last layout. The
+    layout is applied to ``model`` itself (harmless: only strides change)."""
+    import contextlib
     import time
+    device = torch.device(device)
+    if bf16 and device.type != "cuda":
+        raise ValueError("bf16 latency is measured on CUDA only (the CPU path stays float32)")
     model = model.to(device).eval()
     x = torch.rand(batch, *input_shape, device=device)
-    for _ in range(5):
-        model(x)
-    times = []
-    for _ in range(reps):
-        if torch.device(device).type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    if channels_last and x.dim() == 4:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with amp:
+        for _ in range(5):
             model(x)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            model(x)
-            times.append(1000 * (time.perf_counter() - t0))
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(x)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                model(x)
+                times.append(1000 * (time.perf_counter() - t0))
     return float(sorted(times)[len(times) // 2])

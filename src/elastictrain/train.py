@@ -61,6 +61,9 @@ class TrainConfig:
     adv_eps: float = 8 / 255
     adv_steps: int = 7
     adv_step_size: float = 0.01
+    # BatchNorm statistics of the training forward on [clean; adversarial]: "mixed" (the whole batch's)
+    # or "clean" (the clean half's, applied to both halves: ``attacks.use_clean_statistics``).
+    adv_bn_stats: str = "mixed"
 
     def __post_init__(self):
         if self.schedule not in ("onecycle", "cosine", "step", "constant"):
@@ -71,6 +74,9 @@ class TrainConfig:
         if not 0 <= self.adversarial_beta <= 1 or self.adv_eps < 0 or self.adv_steps < 1 or self.adv_step_size <= 0:
             raise ValueError(f"need 0 <= adversarial_beta <= 1, adv_eps >= 0, adv_steps >= 1 and adv_step_size > 0 "
                              f"(got {self.adversarial_beta}, {self.adv_eps}, {self.adv_steps}, {self.adv_step_size})")
+        if self.adv_bn_stats not in ("mixed", "clean") or (self.adv_bn_stats == "clean" and self.adversarial_beta == 1):
+            raise ValueError(f"adv_bn_stats must be 'mixed' or 'clean', and 'clean' needs adversarial training "
+                             f"(adversarial_beta < 1); got {self.adv_bn_stats!r} with beta {self.adversarial_beta}")
         if self.bn_splits < 1 or (self.bn_splits > 1 and self.adversarial_beta < 1):
             raise ValueError(f"bn_splits must be >= 1, and 1 with adversarial training (got {self.bn_splits})")
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
@@ -199,6 +205,8 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
         state.metrics = {}
         for cb in callbacks:
             cb.before_epoch(state)
+        if config.adv_bn_stats == "clean":  # each epoch: a callback may have swapped the model
+            attacks.use_clean_statistics(state.model)
         distributed.sync_model(state.model, rebuilt=state.model is not synced)
         synced = state.model
         if hasattr(train_loader, "set_epoch"):
@@ -259,6 +267,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
             if distributed.is_main():
                 _save(state, checkpoint_path, callbacks, train_loader)
             distributed.barrier()  # no rank runs ahead (or resumes) before the file is complete
+    attacks.use_clean_statistics(state.model, on=False)
     for cb in callbacks:
         cb.on_train_end(state)
     return state.model, pd.DataFrame(state.history)

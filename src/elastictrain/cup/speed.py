@@ -5,7 +5,14 @@ CPU at batch 1 (one request; per-layer call overhead weighs most there) and, whe
 GPU at batch 512 (throughput; small pruned layers may leave the GPU idle). float32, eval mode,
 median of repeated forwards (``metrics.latency_ms``). The two models alternate so that a clock
 or load change affects both alike.
+
+Options, each applied to both models alike: ``cpu_threads`` (at batch 1 a many-core CPU splits
+every small conv over all its threads, and the split's overhead, which pruning does not shrink,
+dominates: one thread is the setting in which a serving process handles one request per core),
+``gpu_bf16`` (the trainer's bf16 autocast) and ``channels_last``. Their column names say which ran.
 """
+import contextlib
+
 import pandas as pd
 import torch
 
@@ -18,9 +25,22 @@ def input_shape(model) -> tuple[int, int, int]:
     return (1, 28, 28) if model.arch["name"] == "mlp" else (3, 32, 32)
 
 
+@contextlib.contextmanager
+def _threads(n):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n or saved)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu_batch: int = 512,
-            rounds: int = 3) -> dict:
+            rounds: int = 3, cpu_threads: int | None = None, gpu_bf16: bool = False,
+            channels_last: bool = False) -> dict:
     """Latencies (ms) of ``model`` and of the unpruned architecture, with FR and speedups."""
+    if cpu_threads is not None and cpu_threads < 1:
+        raise ValueError(f"cpu_threads must be >= 1 (None: torch's default), got {cpu_threads}")
     dense = create_model(model.arch["name"]).eval()
     model = model.eval()
     shape = input_shape(model)
@@ -28,13 +48,17 @@ def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu
     out = {"row": row, "arch": model.arch["name"], "FR": fr}
     targets = [("cpu", 1, cpu_reps)] + ([("cuda", gpu_batch, gpu_reps)] if torch.cuda.is_available() else [])
     for device, batch, reps in targets:
-        if device == "cuda":
+        cuda = device == "cuda"
+        if cuda:
             torch.backends.cudnn.benchmark = True
+        opts = dict(batch=batch, device=device, reps=reps, bf16=cuda and gpu_bf16, channels_last=channels_last)
         d, p = [], []
-        for _ in range(rounds):
-            d.append(latency_ms(dense, shape, batch=batch, device=device, reps=reps))
-            p.append(latency_ms(model, shape, batch=batch, device=device, reps=reps))
-        key = f"{device.upper()} bs{batch}"
+        with _threads(None if cuda else cpu_threads):
+            for _ in range(rounds):
+                d.append(latency_ms(dense, shape, **opts))
+                p.append(latency_ms(model, shape, **opts))
+        key = (f"{device.upper()} bs{batch}" + (f" {cpu_threads}t" if cpu_threads and not cuda else "")
+               + (" bf16" if cuda and gpu_bf16 else "") + (" cl" if channels_last else ""))
         out[f"{key} dense ms"], out[f"{key} pruned ms"] = min(d), min(p)
         out[f"{key} speedup"] = min(d) / min(p)
         out[f"{key} speedup/FR"] = out[f"{key} speedup"] / fr

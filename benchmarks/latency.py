@@ -4,7 +4,7 @@ process (elastictrain.cup.speed.compare). Prints the table beside each row's FLO
 writes it to --out as CSV and markdown (the suffix is replaced by .csv and .md).
 
     python benchmarks/latency.py --out results/cup_latency [--dir TrainedModels] [--threads N]
-        [--gpu-bf16] [--channels-last]
+        [--gpu-bf16] [--channels-last] [--pad-to 8]
 
 Run it on an otherwise idle machine: a GPU shared with training runs gives meaningless times.
 """
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for batch 1 (default: torch's)")
     p.add_argument("--gpu-bf16", action="store_true", help="GPU under bf16 autocast, as the trainer runs")
     p.add_argument("--channels-last", action="store_true", help="both models and inputs in channels_last")
+    p.add_argument("--pad-to", type=int, default=None,
+                   help="time the pruned model with its widths zero-padded to this multiple (cup.speed.pad_widths)")
     p.add_argument("--reps", type=int, default=50)
     args = p.parse_args(argv)
     files = sorted(Path(args.dir or trained_models_dir()).glob(args.pattern))
@@ -35,12 +37,13 @@ def main(argv=None) -> int:
         print(f"no {args.pattern} in {args.dir or trained_models_dir()}")
         return 1
     rows = [compare(load_compressed(f), row=f.stem, cpu_reps=args.reps, gpu_reps=args.reps, cpu_threads=args.threads,
-                    gpu_bf16=args.gpu_bf16, channels_last=args.channels_last) for f in files]
+                    gpu_bf16=args.gpu_bf16, channels_last=args.channels_last, pad_to=args.pad_to) for f in files]
     df = pd.DataFrame(rows)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     header = (f"CPU: {platform.processor() or platform.machine()}, {args.threads or torch.get_num_threads()} of "
               f"{torch.get_num_threads()} threads, float32; GPU: {gpu}, {'bf16 autocast' if args.gpu_bf16 else 'float32'}; "
-              f"{'channels_last; ' if args.channels_last else ''}torch {torch.__version__}; "
+              f"{'channels_last; ' if args.channels_last else ''}"
+              f"{f'pruned widths zero-padded to multiples of {args.pad_to}; ' if args.pad_to else ''}torch {torch.__version__}; "
               f"median of {args.reps} forwards, best of 3 rounds")
     print(header)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

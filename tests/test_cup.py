@@ -108,6 +108,29 @@ def test_slicing_is_consistent():
     assert m.arch["kwargs"] == {} and m.features[0].out_channels == 64   # the original is untouched
 
 
+@pytest.mark.parametrize("name, t, hand", [("vgg16_cup", 0.5, vgg16_hand), ("resnet56", 1.2, resnet56_hand)])
+def test_padded_widths_are_multiples_of_8_and_compute_the_same_function(name, t, hand):
+    from elastictrain.cup.speed import pad_widths
+    torch.manual_seed(0)
+    m = create_model(name)
+    for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)):   # statistics that matter
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.bias.data.uniform_(-1, 1)
+    p, table = cup_prune(m, t=t)
+    p.eval()
+    before = {k: v.clone() for k, v in p.state_dict().items()}
+    padded = pad_widths(p).eval()
+    kept, widths = table["kept"].tolist(), padded.arch["kwargs"]["widths"]
+    assert any(k % 8 for k in kept)                               # there is something to pad
+    assert widths == [min(-(-k // 8) * 8, o) for k, o in zip(kept, table["original"])]
+    assert count_flops(padded) == hand(widths)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(padded(x), p(x), atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in p.state_dict().items())   # the input is untouched
+    with pytest.raises(ValueError, match="multiple"):
+        pad_widths(p, 0)
+
+
 def test_huge_t_keeps_one_filter_per_layer():
     for name, shape in [("vgg16_cup", (3, 32, 32)), ("resnet56", (3, 32, 32))]:
         p, table = cup_prune(create_model(name), t=1e9)
@@ -404,6 +427,8 @@ def test_latency_comparison_against_the_unpruned_architecture():
     assert [k for k in one if k.startswith("CPU")] == [f"CPU bs1 1t cl {s}" for s in
                                                        ("dense ms", "pruned ms", "speedup", "speedup/FR")]
     assert torch.get_num_threads() == threads                  # the caller's setting is restored
+    padded = compare(p, cpu_reps=3, rounds=1, pad_to=8)
+    assert "CPU bs1 pad8 speedup" in padded and padded["FR padded"] < padded["FR"]   # 100/60 -> 104/64
     with pytest.raises(ValueError, match="cpu_threads"):
         compare(p, cpu_threads=0)
     with pytest.raises(ValueError, match="CUDA only"):

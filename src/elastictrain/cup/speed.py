@@ -9,20 +9,58 @@ or load change affects both alike.
 Options, each applied to both models alike: ``cpu_threads`` (at batch 1 a many-core CPU splits
 every small conv over all its threads, and the split's overhead, which pruning does not shrink,
 dominates: one thread is the setting in which a serving process handles one request per core),
-``gpu_bf16`` (the trainer's bf16 autocast) and ``channels_last``. Their column names say which ran.
+``gpu_bf16`` (the trainer's bf16 autocast), ``channels_last`` and ``pad_to`` (``pad_widths``: tensor
+cores work in multiples of 8 channels, and CUP's widths, e.g. 31 or 3, are mostly not). Their column
+names say which ran; speedup/FR divides by the FR of the file's own, unpadded widths.
 """
+import math
 import contextlib
 
 import pandas as pd
 import torch
 
-from ..flops import reduction
+from ..flops import reduction, unpruned
 from ..metrics import latency_ms
 from ..models import create_model
+from .cluster import pairs_for
+from .surgery import _BN_KEYS, _widths_kwargs
 
 
 def input_shape(model) -> tuple[int, int, int]:
     return (1, 28, 28) if model.arch["name"] == "mlp" else (3, 32, 32)
+
+
+def pad_widths(model, multiple: int = 8):
+    """A copy of a CUP-pruned ``model`` whose prunable layers have zero filters appended up to a
+    multiple of ``multiple``, computing the same function: a padded filter has zero weight and bias,
+    its BatchNorm maps it to 0 (scale and shift 0, running mean 0 and variance 1), and the consuming
+    layer reads it with zero weights. Never wider than the unpruned layer."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    name = model.arch["name"]
+    dense = dict(unpruned(model).named_modules())
+    original = {p.layer: dense[p.layer].weight.shape[0] for p in pairs_for(model)}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kept = {}
+    for p in pairs_for(model):
+        w = state[f"{p.layer}.weight"]
+        n = w.shape[0]
+        extra = min(math.ceil(n / multiple) * multiple, max(original[p.layer], n)) - n
+        kept[p.layer] = n + extra
+        if not extra:
+            continue
+        state[f"{p.layer}.weight"] = torch.cat([w, w.new_zeros((extra, *w.shape[1:]))])
+        if f"{p.layer}.bias" in state:
+            state[f"{p.layer}.bias"] = torch.cat([state[f"{p.layer}.bias"], w.new_zeros(extra)])
+        if p.bn is not None:
+            for key in _BN_KEYS:
+                fill = 1.0 if key == "running_var" else 0.0
+                state[f"{p.bn}.{key}"] = torch.cat([state[f"{p.bn}.{key}"], w.new_full((extra,), fill)])
+        w_next = state[f"{p.next}.weight"]
+        state[f"{p.next}.weight"] = torch.cat([w_next, w_next.new_zeros((w_next.shape[0], extra, *w_next.shape[2:]))], 1)
+    padded = create_model(name, **{**model.arch["kwargs"], **_widths_kwargs(name, model, kept)})
+    padded.load_state_dict(state, strict=True)
+    return padded.train(model.training)
 
 
 @contextlib.contextmanager
@@ -37,7 +75,7 @@ def _threads(n):
 
 def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu_batch: int = 512,
             rounds: int = 3, cpu_threads: int | None = None, gpu_bf16: bool = False,
-            channels_last: bool = False) -> dict:
+            channels_last: bool = False, pad_to: int | None = None) -> dict:
     """Latencies (ms) of ``model`` and of the unpruned architecture, with FR and speedups."""
     if cpu_threads is not None and cpu_threads < 1:
         raise ValueError(f"cpu_threads must be >= 1 (None: torch's default), got {cpu_threads}")
@@ -46,6 +84,9 @@ def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu
     shape = input_shape(model)
     fr = reduction(model)[0]
     out = {"row": row, "arch": model.arch["name"], "FR": fr}
+    if pad_to:
+        model = pad_widths(model, pad_to).eval()
+        out["FR padded"] = reduction(model)[0]
     targets = [("cpu", 1, cpu_reps)] + ([("cuda", gpu_batch, gpu_reps)] if torch.cuda.is_available() else [])
     for device, batch, reps in targets:
         cuda = device == "cuda"
@@ -58,7 +99,8 @@ def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu
                 d.append(latency_ms(dense, shape, **opts))
                 p.append(latency_ms(model, shape, **opts))
         key = (f"{device.upper()} bs{batch}" + (f" {cpu_threads}t" if cpu_threads and not cuda else "")
-               + (" bf16" if cuda and gpu_bf16 else "") + (" cl" if channels_last else ""))
+               + (" bf16" if cuda and gpu_bf16 else "") + (" cl" if channels_last else "")
+               + (f" pad{pad_to}" if pad_to else ""))
         out[f"{key} dense ms"], out[f"{key} pruned ms"] = min(d), min(p)
         out[f"{key} speedup"] = min(d) / min(p)
         out[f"{key} speedup/FR"] = out[f"{key} speedup"] / fr

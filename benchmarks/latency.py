@@ -40,10 +40,11 @@ def main(argv=None) -> int:
                     gpu_bf16=args.gpu_bf16, channels_last=args.channels_last, pad_to=args.pad_to) for f in files]
     df = pd.DataFrame(rows)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    gpu_mode = "bf16 autocast" if args.gpu_bf16 else "float32"
+    padding = f"pruned widths zero-padded to multiples of {args.pad_to}; " if args.pad_to else ""
     header = (f"CPU: {platform.processor() or platform.machine()}, {args.threads or torch.get_num_threads()} of "
-              f"{torch.get_num_threads()} threads, float32; GPU: {gpu}, {'bf16 autocast' if args.gpu_bf16 else 'float32'}; "
-              f"{'channels_last; ' if args.channels_last else ''}"
-              f"{f'pruned widths zero-padded to multiples of {args.pad_to}; ' if args.pad_to else ''}torch {torch.__version__}; "
+              f"{torch.get_num_threads()} threads, float32; GPU: {gpu}, {gpu_mode}; "
+              f"{'channels_last; ' if args.channels_last else ''}{padding}torch {torch.__version__}; "
               f"median of {args.reps} forwards, best of 3 rounds")
     print(header)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

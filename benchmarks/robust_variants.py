@@ -6,9 +6,10 @@ the final model's clean accuracy on the full test set, and PGD-7 on all 10,000 i
 written file, as notebook 16 does). Optional aids: --distill ALPHA (distillation from
 the dense VGG16 inside the clean term, train.objective), --average DECAY (a weight average from the
 ramp's end on, elastictrain.averaging), --pgd-step (the training attack's step; spec §5.9 allows 2/255)
-and --bn-stats clean (BatchNorm statistics from the clean half of each batch, attacks.use_clean_statistics). It writes TrainedModels/<row>.etm and checkpoints/.<row>.run,
-so run each variant in its own copy of the repository. On one H100 a run takes ~70 s alone, ~260 s
-with four side by side. Results and the machine they ran on: benchmarks/results/robust_variants.md.
+and --bn-stats clean (BatchNorm statistics from the clean half of each batch, attacks.use_clean_statistics).
+It writes TrainedModels/<row>.etm and checkpoints/.<row>.run, so run each variant in its own copy of the
+repository. On one H100 a run takes ~70 s alone, ~260 s with four side by side. Results and the machine
+they ran on: benchmarks/results/robust_variants.md.
 
     python benchmarks/robust_variants.py LR EPOCHS RAMP LABEL_SMOOTHING WEIGHT_DECAY BATCH [--row R2]
         [--distill ALPHA] [--average DECAY] [--pgd-step STEP] [--bn-stats {mixed,clean}]
@@ -43,6 +44,7 @@ r = run_row(PruneRecipe(row=a.row, spec=spec, ratio=20, ramp_epochs=a.ramp, base
             smoke=False, progress=False)
 pgd = robust.robust_evaluate(load_compressed(r.path), attacks=("pgd7",))["pgd7"]
 print(f"EXP {a.row} lr {a.lr} ls {a.label_smoothing} wd {a.weight_decay} batch {a.batch} distill {a.distill} "
-      f"average {a.average} pgd_step {a.pgd_step:.5f} bn_stats {a.bn_stats}: final clean {r.accuracy:.2f} PGD-7 {pgd:.2f} (raw last epoch, bf16: "
+      f"average {a.average} pgd_step {a.pgd_step:.5f} bn_stats {a.bn_stats}: final clean {r.accuracy:.2f} "
+      f"PGD-7 {pgd:.2f} (raw last epoch, bf16: "
       f"{r.history['test_top1'].iloc[-1]:.2f}) epoch_s {r.history['epoch_time_s'].median():.2f}", flush=True)
 print(r.history.tail(4).to_string())

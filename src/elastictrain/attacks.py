@@ -96,7 +96,7 @@ class _CleanHalfStatistics:
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         clean = x[: len(x) // 2].float()
-        mean, var = clean.mean(dims), clean.var(dims, unbiased=False)
+        var, mean = torch.var_mean(clean, dims, unbiased=False)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

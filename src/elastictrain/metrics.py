@@ -4,6 +4,9 @@ ModelEval's compression = (conv + linear ``.weight`` elements) / (non-zero eleme
 32/bits when quantized; biases and BatchNorm are not counted, nor are indices or codebooks
 (spec elastictrain.md §2.4). The honest counterpart, bytes of the exported file, is in ``storage``.
 """
+import contextlib
+import time
+
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -80,8 +83,6 @@ def latency_ms(model: nn.Module, input_shape, *, batch: int = 1, device="cpu", r
     """Median wall time of one forward pass (CUDA: timed with events after a warm-up), in float32 or
     under bf16 autocast (CUDA only, as the trainer runs), in contiguous or channels_last layout. The
     layout is applied to ``model`` itself (harmless: only strides change)."""
-    import contextlib
-    import time
     device = torch.device(device)
     if bf16 and device.type != "cuda":
         raise ValueError("bf16 latency is measured on CUDA only (the CPU path stays float32)")

@@ -267,7 +267,8 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
             if distributed.is_main():
                 _save(state, checkpoint_path, callbacks, train_loader)
             distributed.barrier()  # no rank runs ahead (or resumes) before the file is complete
-    attacks.use_clean_statistics(state.model, on=False)
+    if config.adv_bn_stats == "clean":
+        attacks.use_clean_statistics(state.model, on=False)
     for cb in callbacks:
         cb.on_train_end(state)
     return state.model, pd.DataFrame(state.history)

@@ -39,13 +39,13 @@ def pad_widths(model, multiple: int = 8):
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     name = model.arch["name"]
     dense = dict(unpruned(model).named_modules())
-    original = {p.layer: dense[p.layer].weight.shape[0] for p in pairs_for(model)}
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # load_state_dict below copies into the new model, so the input's tensors are never written.
+    state = dict(model.state_dict())
     kept = {}
     for p in pairs_for(model):
         w = state[f"{p.layer}.weight"]
         n = w.shape[0]
-        extra = min(math.ceil(n / multiple) * multiple, max(original[p.layer], n)) - n
+        extra = min(math.ceil(n / multiple) * multiple, dense[p.layer].weight.shape[0]) - n
         kept[p.layer] = n + extra
         if not extra:
             continue
@@ -57,7 +57,8 @@ def pad_widths(model, multiple: int = 8):
                 fill = 1.0 if key == "running_var" else 0.0
                 state[f"{p.bn}.{key}"] = torch.cat([state[f"{p.bn}.{key}"], w.new_full((extra,), fill)])
         w_next = state[f"{p.next}.weight"]
-        state[f"{p.next}.weight"] = torch.cat([w_next, w_next.new_zeros((w_next.shape[0], extra, *w_next.shape[2:]))], 1)
+        zeros = w_next.new_zeros((w_next.shape[0], extra, *w_next.shape[2:]))
+        state[f"{p.next}.weight"] = torch.cat([w_next, zeros], 1)
     padded = create_model(name, **{**model.arch["kwargs"], **_widths_kwargs(name, model, kept)})
     padded.load_state_dict(state, strict=True)
     return padded.train(model.training)

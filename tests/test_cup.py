@@ -131,6 +131,45 @@ def test_padded_widths_are_multiples_of_8_and_compute_the_same_function(name, t,
         pad_widths(p, 0)
 
 
+def test_rounded_widths_keep_every_representative_of_t():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    f = np.concatenate([c + 0.01 * rng.standard_normal((5, 2)) for c in centres])  # 3 clusters of 5 at t=1
+    plain = set(cluster_keep(f, t=1.0).tolist())
+    assert len(plain) == 3
+    for multiple, n in ((1, 3), (3, 3), (4, 4), (8, 8), (16, 15)):   # 16 > 15 filters: all of them
+        keep = cluster_keep(f, t=1.0, multiple=multiple)
+        assert len(keep) == n and plain <= set(keep.tolist())
+    assert cluster_keep(f, t=1e6, multiple=8).size == 8          # one cluster at t, rounded up to 8
+    for bad in ({"t": 1.0, "multiple": 0}, {"n_keep": 3, "multiple": 8}):
+        with pytest.raises(ValueError, match="multiple"):
+            cluster_keep(f, **bad)
+
+
+@pytest.mark.parametrize("name, t, hand", [("vgg16_cup", 0.5, vgg16_hand), ("resnet56", 1.2, resnet56_hand)])
+def test_cup_prune_with_multiple_8_keeps_rounded_real_filters(name, t, hand):
+    torch.manual_seed(0)
+    m = create_model(name)
+    plain, plain_table = cup_prune(m, t=t)
+    p, table = cup_prune(m, t=t, multiple=8)
+    assert any(k % 8 for k in plain_table["kept"])                 # plain CUP's widths need rounding here
+    assert all(k % 8 == 0 or k == o for k, o in zip(table["kept"], table["original"]))
+    widths = p.arch["kwargs"]["widths"]
+    assert widths == table["kept"].tolist() and count_flops(p) == hand(widths)
+    assert count_flops(p) > count_flops(plain)
+    # The first layer sees the same features either way: its width is plain CUP's rounded up, and
+    # every filter plain CUP kept is kept (no zero filter: these are trained ones).
+    first = next(x for x in p.modules() if isinstance(x, torch.nn.Conv2d))
+    first_plain = next(x for x in plain.modules() if isinstance(x, torch.nn.Conv2d))
+    assert first.out_channels == -(-first_plain.out_channels // 8) * 8
+    assert all(any(torch.equal(w, v) for v in first.weight) for w in first_plain.weight)
+    assert all(first.weight.flatten(1).norm(dim=1) > 0)
+    assert p.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    t8, fr8 = find_t(m, 2.0, t_max=5.0, iters=12, multiple=8)       # the FR search prunes the same way
+    at_t8 = cup_prune(m, t=t8, multiple=8)[1]
+    assert fr8 >= 2.0 and all(k % 8 == 0 or k == o for k, o in zip(at_t8["kept"], at_t8["original"]))
+
+
 def test_huge_t_keeps_one_filter_per_layer():
     for name, shape in [("vgg16_cup", (3, 32, 32)), ("resnet56", (3, 32, 32))]:
         p, table = cup_prune(create_model(name), t=1e9)

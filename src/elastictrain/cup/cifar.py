@@ -69,6 +69,7 @@ class CupRow:
     batch_size: int
     recalibration_batches: int = 50
     find_t_iters: int = 30      # bisection steps on [0, 10]: t to within 1e-8
+    multiple: int = 1           # widths rounded up to multiples of it by a finer cut (cluster_keep); 1: CUP
     smoke_train_images: int = 256
     smoke_test_images: int = 200
 
@@ -145,8 +146,8 @@ def run_cup(cfg: CupRow, *, smoke: bool, device=None, progress=True) -> CupResul
     dense = baselines.train_dense(baselines.DENSE[cfg.base], smoke=smoke, device=device, progress=False)
     train_loader, test_loader = _loaders(cfg, smoke, device, cfg.train.seed)
     base = dense.model.to(device).eval()
-    t, fr_found = find_t(base, cfg.target_fr, iters=cfg.find_t_iters)
-    pruned, layers = cup_prune(base, t=t)
+    t, fr_found = find_t(base, cfg.target_fr, iters=cfg.find_t_iters, multiple=cfg.multiple)
+    pruned, layers = cup_prune(base, t=t, multiple=cfg.multiple)
     before = evaluate(pruned, test_loader)["top1"]
     # Our extra, not in the paper (Q7): the same pruned weights with re-estimated BN statistics.
     recal = evaluate(recalibrate_bn(copy.deepcopy(pruned), train_loader, cfg.recalibration_batches),
@@ -162,7 +163,9 @@ def run_cup(cfg: CupRow, *, smoke: bool, device=None, progress=True) -> CupResul
                "before_retraining": before, "before_retraining_bn_recalibrated": recal,
                "best_epoch_accuracy": best, "best_epoch": best_e, "epochs": len(history),
                "train_time_s": round(float(history["epoch_time_s"].sum()), 1),
-               "base": cfg.base, "base_sha256": dense.sha256, "base_accuracy": round(dense.accuracy, 2)}
+               "base": cfg.base, "base_sha256": dense.sha256, "base_accuracy": round(dense.accuracy, 2),
+               # only when set, so plain CUP's files and printed summaries stay as they were
+               **({"multiple": cfg.multiple} if cfg.multiple > 1 else {})}
     if abs(fr - fr_found) > 1e-9 * fr:  # FR is of the unpruned architecture, as measure() derives it
         raise RuntimeError(f"FR of the retrained model {fr} differs from the searched one {fr_found}")
     path = ship(model, cfg.row, smoke=smoke, accuracy=accuracy, test_images=len(test_loader.labels), ratio=fr,

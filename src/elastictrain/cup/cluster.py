@@ -55,16 +55,30 @@ def features(w: torch.Tensor, b: torch.Tensor | None, w_next: torch.Tensor) -> n
     return torch.cat(parts, 1).double().numpy()
 
 
-def cluster_keep(f: np.ndarray, *, t: float | None = None, n_keep: int | None = None) -> np.ndarray:
-    """Sorted indices of the kept filters: one max-norm representative per Ward cluster."""
+def cluster_keep(f: np.ndarray, *, t: float | None = None, n_keep: int | None = None,
+                 multiple: int = 1) -> np.ndarray:
+    """Sorted indices of the kept filters: one max-norm representative per Ward cluster.
+
+    ``multiple`` (our extension, automatic mode): the cut at t gives k clusters; the same dendrogram
+    is then cut into the next multiple of ``multiple`` clusters (at most all n filters), so the width
+    suits tensor cores (8 for bf16) with real filters instead of zero padding. The finer cut only
+    splits clusters, and a cluster's max-norm member stays the max-norm member of the part holding
+    it, so every filter kept at t is still kept.
+    """
     n = len(f)
     if (t is None) == (n_keep is None):
         raise ValueError("give exactly one of t (automatic mode) or n_keep (manual mode)")
+    if multiple < 1 or (multiple > 1 and t is None):
+        raise ValueError(f"multiple must be >= 1, and > 1 only with t (manual mode sets the counts itself); "
+                         f"got {multiple}")
     if n == 1:
         return np.zeros(1, dtype=np.int64)
     z = linkage(f, method="ward", metric="euclidean")
     labels = (fcluster(z, t, criterion="distance") if t is not None
               else fcluster(z, min(max(n_keep, 1), n), criterion="maxclust"))
+    k = len(np.unique(labels))
+    if k % multiple:
+        labels = fcluster(z, min(k + multiple - k % multiple, n), criterion="maxclust")
     norms = np.linalg.norm(f, axis=1)
     keep = []
     for c in np.unique(labels):

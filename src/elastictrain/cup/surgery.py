@@ -25,11 +25,13 @@ def _widths_kwargs(name: str, model, kept: dict) -> dict:
 
 
 def cup_prune(model, *, t: float | None = None, keep: dict | None = None, use_bias: bool | None = None,
-              faithful_bias_bug: bool = False):
+              faithful_bias_bug: bool = False, multiple: int = 1):
     """Prune ``model`` with CUP; returns ``(pruned_model, table)``. The original is not modified.
 
     Automatic mode: one global ``t``. Manual mode: ``keep`` maps layer name → filters kept (the
     MNIST experiment). ``use_bias`` defaults to CUP's per-model choice (True for VGG only, Q4).
+    ``multiple`` (automatic mode, our extension): each layer keeps a multiple of it filters, or all of
+    them (``cluster_keep``); 1 is CUP itself.
     ``faithful_bias_bug`` re-creates quirk Q1: with ``use_bias`` off, the pruned layer's bias is
     re-initialised instead of sliced (CUP's MNIST "before retraining" figures carry it).
     """
@@ -38,7 +40,7 @@ def cup_prune(model, *, t: float | None = None, keep: dict | None = None, use_bi
 
     def choose(p, w, bias, w_next):
         f = features(w, bias if use_bias else None, w_next)
-        return cluster_keep(f, t=t, n_keep=None if keep is None else keep[p.layer])
+        return cluster_keep(f, t=t, n_keep=None if keep is None else keep[p.layer], multiple=multiple)
 
     return _surgery(model, choose, sliced_bias=use_bias or not faithful_bias_bug)
 
@@ -93,18 +95,20 @@ def _fresh_bias(w):
     return torch.empty(w.shape[0]).uniform_(-bound, bound)
 
 
-def find_t(model, target_fr: float, *, t_max: float = 10.0, iters: int = 40) -> tuple[float, float]:
+def find_t(model, target_fr: float, *, t_max: float = 10.0, iters: int = 40, multiple: int = 1
+           ) -> tuple[float, float]:
     """The smallest t (to bisection precision) whose CUP model reaches ``target_fr`` FLOPs reduction.
 
     t is an absolute distance that depends on the trained weights (Q2), so the paper's t values do
     not transfer to another training run; its FLOPs reductions do. Returns ``(t, FR reached)``.
+    ``multiple`` as in ``cup_prune``: rounded widths cost FLOPs, so the same FR needs a larger t.
     """
     from ..flops import count_flops
 
     base = count_flops(model)
 
     def fr(t):
-        return base / count_flops(cup_prune(model, t=t)[0])
+        return base / count_flops(cup_prune(model, t=t, multiple=multiple)[0])
 
     if fr(t_max) < target_fr:
         raise ValueError(f"even t={t_max} reaches only FR {fr(t_max):.2f} < {target_fr}; raise t_max")

@@ -55,6 +55,14 @@ def features(w: torch.Tensor, b: torch.Tensor | None, w_next: torch.Tensor) -> n
     return torch.cat(parts, 1).double().numpy()
 
 
+def rounded_width(k: int, multiple: int, full: int) -> int:
+    """``k`` filters rounded up to a multiple of ``multiple`` (tensor cores: 8), at most the layer's
+    ``full`` width. Used by CUP's finer cut (``cluster_keep``) and by zero padding (``speed.pad_widths``)."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    return min(-(-k // multiple) * multiple, full)
+
+
 def cluster_keep(f: np.ndarray, *, t: float | None = None, n_keep: int | None = None,
                  multiple: int = 1) -> np.ndarray:
     """Sorted indices of the kept filters: one max-norm representative per Ward cluster.
@@ -76,9 +84,9 @@ def cluster_keep(f: np.ndarray, *, t: float | None = None, n_keep: int | None = 
     z = linkage(f, method="ward", metric="euclidean")
     labels = (fcluster(z, t, criterion="distance") if t is not None
               else fcluster(z, min(max(n_keep, 1), n), criterion="maxclust"))
-    k = len(np.unique(labels))
-    if k % multiple:
-        labels = fcluster(z, min(k + multiple - k % multiple, n), criterion="maxclust")
+    k = labels.max()  # fcluster numbers its clusters 1..k
+    if (wanted := rounded_width(k, multiple, n)) > k:
+        labels = fcluster(z, wanted, criterion="maxclust")
     norms = np.linalg.norm(f, axis=1)
     keep = []
     for c in np.unique(labels):

@@ -13,7 +13,6 @@ dominates: one thread is the setting in which a serving process handles one requ
 cores work in multiples of 8 channels, and CUP's widths, e.g. 31 or 3, are mostly not). Their column
 names say which ran; speedup/FR divides by the FR of the file's own, unpadded widths.
 """
-import math
 import contextlib
 
 import pandas as pd
@@ -22,7 +21,7 @@ import torch
 from ..flops import reduction, unpruned
 from ..metrics import latency_ms
 from ..models import create_model
-from .cluster import pairs_for
+from .cluster import pairs_for, rounded_width
 from .surgery import _BN_KEYS, _widths_kwargs
 
 
@@ -35,8 +34,6 @@ def pad_widths(model, multiple: int = 8):
     multiple of ``multiple``, computing the same function: a padded filter has zero weight and bias,
     its BatchNorm maps it to 0 (scale and shift 0, running mean 0 and variance 1), and the consuming
     layer reads it with zero weights. Never wider than the unpruned layer."""
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
     name = model.arch["name"]
     dense = dict(unpruned(model).named_modules())
     # load_state_dict below copies into the new model, so the input's tensors are never written.
@@ -45,7 +42,7 @@ def pad_widths(model, multiple: int = 8):
     for p in pairs_for(model):
         w = state[f"{p.layer}.weight"]
         n = w.shape[0]
-        extra = min(math.ceil(n / multiple) * multiple, dense[p.layer].weight.shape[0]) - n
+        extra = rounded_width(n, multiple, dense[p.layer].weight.shape[0]) - n
         kept[p.layer] = n + extra
         if not extra:
             continue

@@ -229,7 +229,7 @@ def _tiny_mnist(n=512):
     return GpuLoader(split, 64, train=True, seed=0)
 
 
-def _fit_ss(epochs, path=None, seen=None):
+def _fit_ss(epochs, path=None, seen=None, multiple=1):
     from elastictrain.cup import CupSS
     from elastictrain.train import Callback, TrainConfig, fit
 
@@ -239,7 +239,7 @@ def _fit_ss(epochs, path=None, seen=None):
                 seen.append((state.epoch, id(state.optimizer), tuple(state.model.arch["kwargs"].get("hidden", ()))))
 
     torch.manual_seed(0)
-    ss = CupSS(k=0.5, b=0.0, offset=1, max_params=100_000)
+    ss = CupSS(k=0.5, b=0.0, offset=1, max_params=100_000, multiple=multiple)
     cfg = TrainConfig(epochs=epochs, lr=0.05, nesterov=False, weight_decay=1e-4, schedule="step",
                       milestones=(80, 120), checkpoint_every=1)
     model, hist = fit(create_model("mlp"), _tiny_mnist(), None, cfg, callbacks=[ss, Watch()],
@@ -274,6 +274,26 @@ def test_cup_ss_needs_one_budget():
     from elastictrain.cup import CupSS
     with pytest.raises(ValueError, match="exactly one budget"):
         CupSS(0.02)
+    with pytest.raises(ValueError, match="multiple"):
+        CupSS(0.02, max_params=100_000, multiple=0)
+
+
+def test_cup_ss_with_multiple_8_rounds_every_pass():
+    from elastictrain.cup.cluster import rounded_width
+    plain_seen, seen = [], []
+    _fit_ss(6, seen=plain_seen)
+    model, hist, ss = _fit_ss(6, seen=seen, multiple=8)
+    full = (500, 300)
+    plain = [h for _, _, h in plain_seen]
+    ours = [h for _, _, h in seen]
+    assert ss.stopped_at is not None and hist["params"].iloc[-1] <= 100_000
+    assert all(k % 8 == 0 or k == n for h in ours for k, n in zip(h, full))
+    assert any(k % 8 for h in plain for k in h if k not in full)         # plain CUP-SS's widths need rounding
+    # Both runs are identical until plain CUP-SS first prunes; that pass sees the same weights, so
+    # its widths are plain CUP-SS's rounded up to multiples of 8 (the added filters are trained ones).
+    i = next(i for i, h in enumerate(plain) if h != full)
+    assert ours[:i] == plain[:i]
+    assert ours[i] == tuple(rounded_width(k, 8, n) for k, n in zip(plain[i], full)) != plain[i]
 
 
 def test_rank_prune_keeps_the_largest_norms_or_a_seeded_random_set():

@@ -91,6 +91,7 @@ class CupSSRow:
     b: float = 0.0
     offset: int = 1
     wd_after_stop: float | None = None   # see CupSS; None keeps the paper's 1e-4 throughout
+    multiple: int = 1           # every pass rounds widths up to multiples of it (CupSS); 1: CUP-SS
     smoke_train_images: int = 256
     smoke_test_images: int = 200
 
@@ -195,7 +196,7 @@ def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupR
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model)
     ss = CupSS(cfg.k, b=cfg.b, offset=cfg.offset, max_params=cfg.max_params, max_flops=cfg.max_flops,
-               wd_after_stop=cfg.wd_after_stop)
+               wd_after_stop=cfg.wd_after_stop, multiple=cfg.multiple)
     run_state = _run_state(cfg.row, smoke)
     model, history = fit(model, train_loader, test_loader, cfg.train, callbacks=[ss], device=device,
                          checkpoint_path=run_state, progress=progress)
@@ -215,7 +216,8 @@ def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupR
                "best_after_stop_accuracy": best_after, "best_after_stop_epoch": best_after_e,
                "epochs": len(history), "train_time_s": round(float(times.sum()), 1),
                "pruning_epochs_time_s": round(float(times[history["epoch"] <= (ss.stopped_at or len(history))].sum()), 1),
-               "wd_after_stop": cfg.wd_after_stop}
+               "wd_after_stop": cfg.wd_after_stop,
+               **({"multiple": cfg.multiple} if cfg.multiple > 1 else {})}  # as in run_cup
     path = ship(model, cfg.row, smoke=smoke, accuracy=accuracy, test_images=len(test_loader.labels), ratio=fr,
                 dataset="cifar10", method="CUP-SS", widths=layer_widths(model)["kept"].tolist(),
                 device=baselines.environment()["device"], **_rounded(summary))

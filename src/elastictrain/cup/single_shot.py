@@ -15,16 +15,22 @@ class CupSS(Callback):
     weight decay shapes when the budget is reached and must stay the paper's (1e-4) while pruning
     runs; once the architecture is final, t no longer matters and a stronger decay may generalise
     better. It is set on the optimiser built at the stopping epoch (resumes restore it with the
-    optimiser's state)."""
+    optimiser's state).
+
+    ``multiple`` (our extension, as in ``cup_prune``): every pass rounds each layer's cluster count up
+    to a multiple of it (or the layer's current width) with a finer cut of the same dendrogram; 1 is
+    CUP-SS itself."""
 
     def __init__(self, k: float, *, b: float = 0.0, offset: int = 1, max_params: int | None = None,
                  max_flops: int | None = None, use_bias: bool | None = None,
-                 wd_after_stop: float | None = None):
+                 wd_after_stop: float | None = None, multiple: int = 1):
         if (max_params is None) == (max_flops is None):
             raise ValueError("give exactly one budget: max_params (VGG16 0.90M) or max_flops (ResNet-56 0.12G)")
+        if multiple < 1:
+            raise ValueError(f"multiple must be >= 1 (1: CUP-SS itself), got {multiple}")
         self.k, self.b, self.offset = k, b, offset
         self.max_params, self.max_flops, self.use_bias = max_params, max_flops, use_bias
-        self.wd_after_stop = wd_after_stop
+        self.wd_after_stop, self.multiple = wd_after_stop, multiple
         self.active, self.stopped_at = True, None
 
     def t_at(self, epoch: int) -> float:
@@ -34,7 +40,7 @@ class CupSS(Callback):
         e = state.epoch + 1
         if self.active:
             t = self.t_at(e)
-            pruned, _ = cup_prune(state.model, t=t, use_bias=self.use_bias)
+            pruned, _ = cup_prune(state.model, t=t, use_bias=self.use_bias, multiple=self.multiple)
             state.model = prepare_model(pruned.train(), state.device)
             state.rebuild_optimizer()
             state.metrics["t"] = t

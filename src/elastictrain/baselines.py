@@ -59,7 +59,7 @@ DENSE = {
     # The start of the VGG16 CUP rows (C2/C3): CUP's own model (init, ImageNet mean/std) and its weight
     # decay 1e-4, without label smoothing. t is a distance between filter-norm features, and our
     # wd-5e-4 model had near-zero filters in convs 8-12 that Ward merged into a handful of dead
-    # ones, from which retraining never left 10% (notebook 11, session 2). 300 epochs (93.5-93.7%, the
+    # ones, from which retraining never left 10% (notebook 11, session 2). 300 epochs (93.4-93.7% in four runs, the
     # paper's base is 93.64%) rather than 150 (93.1-93.2%): with plain CUP that start left convs 8-12 with
     # 1-6 filters and retraining stuck at 10% (session 8); the rows prune it with widths rounded to
     # multiples of 8 (MULTIPLE), which keeps at least 8 per layer.

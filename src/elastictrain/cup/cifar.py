@@ -116,6 +116,12 @@ def _loaders(cfg, smoke, device, seed):
                         test_subset=cfg.smoke_test_images if smoke else None)
 
 
+def _multiple_meta(multiple: int) -> dict:
+    """The width rounding in a row's summary only when set, so plain CUP's and CUP-SS's files and
+    printed summaries stay as they were."""
+    return {"multiple": multiple} if multiple > 1 else {}
+
+
 def _run_state(row, smoke) -> Path:
     folder = checkpoints.scratch_dir(f"smoke-{row}-run-") if smoke else checkpoints.checkpoints_dir()
     return folder / f".{row}.run"
@@ -165,8 +171,7 @@ def run_cup(cfg: CupRow, *, smoke: bool, device=None, progress=True) -> CupResul
                "best_epoch_accuracy": best, "best_epoch": best_e, "epochs": len(history),
                "train_time_s": round(float(history["epoch_time_s"].sum()), 1),
                "base": cfg.base, "base_sha256": dense.sha256, "base_accuracy": round(dense.accuracy, 2),
-               # only when set, so plain CUP's files and printed summaries stay as they were
-               **({"multiple": cfg.multiple} if cfg.multiple > 1 else {})}
+               **_multiple_meta(cfg.multiple)}
     if abs(fr - fr_found) > 1e-9 * fr:  # FR is of the unpruned architecture, as measure() derives it
         raise RuntimeError(f"FR of the retrained model {fr} differs from the searched one {fr_found}")
     path = ship(model, cfg.row, smoke=smoke, accuracy=accuracy, test_images=len(test_loader.labels), ratio=fr,
@@ -216,8 +221,7 @@ def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupR
                "best_after_stop_accuracy": best_after, "best_after_stop_epoch": best_after_e,
                "epochs": len(history), "train_time_s": round(float(times.sum()), 1),
                "pruning_epochs_time_s": round(float(times[history["epoch"] <= (ss.stopped_at or len(history))].sum()), 1),
-               "wd_after_stop": cfg.wd_after_stop,
-               **({"multiple": cfg.multiple} if cfg.multiple > 1 else {})}  # as in run_cup
+               "wd_after_stop": cfg.wd_after_stop, **_multiple_meta(cfg.multiple)}
     path = ship(model, cfg.row, smoke=smoke, accuracy=accuracy, test_images=len(test_loader.labels), ratio=fr,
                 dataset="cifar10", method="CUP-SS", widths=layer_widths(model)["kept"].tolist(),
                 device=baselines.environment()["device"], **_rounded(summary))

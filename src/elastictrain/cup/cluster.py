@@ -55,11 +55,16 @@ def features(w: torch.Tensor, b: torch.Tensor | None, w_next: torch.Tensor) -> n
     return torch.cat(parts, 1).double().numpy()
 
 
+def check_multiple(multiple: int):
+    """The width-rounding option's one rule, checked where it is taken (CupSS before training starts)."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1 (1: no rounding), got {multiple}")
+
+
 def rounded_width(k: int, multiple: int, full: int) -> int:
     """``k`` filters rounded up to a multiple of ``multiple`` (tensor cores: 8), at most the layer's
     ``full`` width. Used by CUP's finer cut (``cluster_keep``) and by zero padding (``speed.pad_widths``)."""
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    check_multiple(multiple)
     return min(-(-k // multiple) * multiple, full)
 
 
@@ -76,9 +81,9 @@ def cluster_keep(f: np.ndarray, *, t: float | None = None, n_keep: int | None = 
     n = len(f)
     if (t is None) == (n_keep is None):
         raise ValueError("give exactly one of t (automatic mode) or n_keep (manual mode)")
-    if multiple < 1 or (multiple > 1 and t is None):
-        raise ValueError(f"multiple must be >= 1, and > 1 only with t (manual mode sets the counts itself); "
-                         f"got {multiple}")
+    check_multiple(multiple)
+    if multiple > 1 and t is None:
+        raise ValueError(f"multiple > 1 only with t (manual mode sets the counts itself); got {multiple}")
     if n == 1:
         return np.zeros(1, dtype=np.int64)
     z = linkage(f, method="ward", metric="euclidean")

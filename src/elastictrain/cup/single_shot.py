@@ -7,6 +7,7 @@ so the last step may overshoot: Q13), pruning stops for good and training simply
 """
 from ..flops import count_flops, count_params
 from ..train import Callback, prepare_model
+from .cluster import check_multiple
 from .surgery import cup_prune
 
 
@@ -26,8 +27,7 @@ class CupSS(Callback):
                  wd_after_stop: float | None = None, multiple: int = 1):
         if (max_params is None) == (max_flops is None):
             raise ValueError("give exactly one budget: max_params (VGG16 0.90M) or max_flops (ResNet-56 0.12G)")
-        if multiple < 1:
-            raise ValueError(f"multiple must be >= 1 (1: CUP-SS itself), got {multiple}")
+        check_multiple(multiple)
         self.k, self.b, self.offset = k, b, offset
         self.max_params, self.max_flops, self.use_bias = max_params, max_flops, use_bias
         self.wd_after_stop, self.multiple = wd_after_stop, multiple

@@ -434,3 +434,56 @@ def test_compiled_forward_is_skipped_while_deferred():
     c = _Compiled("reduce-overhead")
     assert c(m, eager=True) is m and c.source is None      # nothing compiled while deferred
     assert _Compiled(None)(m) is m                         # no mode: always the eager module
+
+
+def test_deferred_forward_is_graphed_per_model():
+    from elastictrain.graphs import GraphedForward
+    from elastictrain.train import _Compiled
+    m, m2 = small_mlp(), small_mlp(1)
+    c = _Compiled("reduce-overhead", graph_when_deferred=True)
+    g = c(m, eager=True)
+    assert isinstance(g, GraphedForward) and g.model is m and g.fn is None  # captured at its first call
+    assert c(m, eager=True) is g                           # one capture per model, not per step
+    assert c(m2, eager=True).model is m2                   # a pruned model gets its own graph
+    assert c(m2) is not m2 and c.graphed is None           # then compiled, the graph released
+    assert _Compiled("max-autotune", graph_when_deferred=True)(m, eager=True) is m  # graphs only stand in for CUDA-graph mode
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+@pytest.mark.parametrize("amp", [False, True])
+def test_graphed_training_matches_eager(amp):
+    """Steps through the graph give the eager steps' weights and BatchNorm statistics; the capture's
+    warm-up forwards leave the running statistics as they were."""
+    from elastictrain.graphs import GraphedForward
+    from elastictrain.train import _autocast, prepare_model
+    dev = torch.device("cuda")
+
+    def net():
+        torch.manual_seed(0)
+        return prepare_model(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)), dev).train()
+    torch.manual_seed(1)
+    xs = [torch.randn(32, 3, 8, 8, device=dev).contiguous(memory_format=torch.channels_last) for _ in range(6)]
+    ys = [torch.randint(0, 10, (32,), device=dev) for _ in range(6)]
+    models = []
+    for graphed in (False, True):
+        m = net()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        fwd = GraphedForward(m, amp) if graphed else m
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            if graphed and i == 0:
+                before = [b.clone() for b in m.buffers()]
+            with _autocast(dev, amp):
+                loss = F.cross_entropy(fwd(x).float(), y)
+            if graphed and i == 0:  # warm-ups undone: one step's update of the running mean, not four
+                assert fwd.fn is not None
+                assert not torch.equal(m[1].running_mean, before[0])
+                assert m[1].num_batches_tracked.item() == 1
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        models.append(m)
+    tol = 2e-2 if amp else 1e-4
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+    assert models[1][1].num_batches_tracked.item() == 6

@@ -51,8 +51,9 @@ class CupSS(Callback):
                     for g in state.optimizer.param_groups:
                         if g["weight_decay"] > 0:  # the no-decay group (BN, biases), if any, stays at 0
                             g["weight_decay"] = self.wd_after_stop
-        # The shapes change at every pruning epoch: fit runs the eager model while this is set, so
-        # torch.compile (CUDA graphs for ResNet-56) compiles once, for the final architecture.
+        # The shapes change at every pruning epoch: while this is set, fit captures each epoch's model
+        # as a CUDA graph (graphs.GraphedForward) rather than compiling it, so torch.compile compiles
+        # once, for the final architecture.
         state.defer_compile = self.active
         state.metrics["params"] = count_params(state.model)
         state.metrics["flops"] = count_flops(state.model)

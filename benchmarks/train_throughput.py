@@ -8,6 +8,12 @@ Both time one full epoch over the 50k training images after a warm-up epoch (cuD
 and worker start-up excluded), and report images/s. Measured: see README (GPU kind stated there).
 
     python benchmarks/train_throughput.py [--model vgg16] [--synthetic] [--mask-density 0.02] [--rewire 0.3] [--repeats 3]
+        [--deferred]
+
+With --deferred every epoch trains a new model object with compiling deferred, as CUP-SS's pruning
+epochs do (a copy here, so the shapes stay put and only the trainer's path differs): compile 'none' is
+the eager loop, 'reduce-overhead' captures each epoch's CUDA graph (graphs.GraphedForward), and the
+timed epoch includes that capture.
 
 With --repeats N the trainer configurations of one model, batch and compile mode are timed N times each, round-robin,
 and each is reported as its median with every run listed: a single run favoured whichever configuration ran later
@@ -17,6 +23,7 @@ and each is reported as its median with every run listed: a single run favoured 
 pixel values); it skips (a), which needs the real files.
 """
 import argparse
+import copy
 import statistics
 import time
 
@@ -26,7 +33,16 @@ import torch.nn.functional as F
 from elastictrain.data import GpuLoader, Split, data_root, load_split
 from elastictrain.models import create_model
 from elastictrain.prune import MaskCallback, PruneSpec
-from elastictrain.train import TrainConfig, fit
+from elastictrain.train import Callback, TrainConfig, fit
+
+
+class NewModelEachEpoch(Callback):
+    """What CUP-SS does to the trainer before each pruning epoch, minus the pruning."""
+
+    def before_epoch(self, state):
+        state.model = copy.deepcopy(state.model)
+        state.rebuild_optimizer()
+        state.defer_compile = True
 
 
 def dataloader_images_per_s(model_name, root, batch=128, workers=4):
@@ -54,13 +70,15 @@ def dataloader_images_per_s(model_name, root, batch=128, workers=4):
     return n / times[-1]
 
 
-def trainer_images_per_s(model_name, split, batch=512, compile=None, mask_density=None, ramp=1, rewire=0.0):
+def trainer_images_per_s(model_name, split, batch=512, compile=None, mask_density=None, ramp=1, rewire=0.0,
+                         deferred=False):
     loader = GpuLoader(split, batch, train=True, crop_pad=4, flip=True, device="cuda")
     cfg = TrainConfig(epochs=2, lr=0.05, eval_every=0, compile=compile)
     # Masks change only before an epoch, outside its timing, so epoch 2 times their enforcement after
     # every step: the cost that must stay under ~10% of a step. With a 4-epoch ramp and rewiring, epoch 2
     # also keeps the running average of the dense gradient that the next update regrows by.
     callbacks = [MaskCallback(PruneSpec(), mask_density, ramp_epochs=ramp, rewire=rewire)] if mask_density else []
+    callbacks += [NewModelEachEpoch()] if deferred else []
     _, hist = fit(create_model(model_name), loader, None, cfg, callbacks=callbacks, device="cuda", progress=False)
     return len(loader) * batch / hist["epoch_time_s"].iloc[-1]
 
@@ -78,6 +96,8 @@ def main():
                    help="with --mask-density: also time a rewiring ramp (gradient average every step) against the same ramp without")
     p.add_argument("--repeats", type=int, default=1,
                    help="time each trainer configuration this many times, round-robin, and report the median")
+    p.add_argument("--deferred", action="store_true",
+                   help="a new model every epoch, compiling deferred (CUP-SS's pruning epochs); see above")
     args = p.parse_args()
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
@@ -86,7 +106,7 @@ def main():
     else:
         split = load_split("cifar10", train=True)
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    configs = {"dense": {}}
+    configs = {"dense": dict(deferred=args.deferred)}
     if args.mask_density:
         configs["masked"] = dict(mask_density=args.mask_density)
         if args.rewire:
@@ -107,7 +127,8 @@ def main():
                 each = {key: f" [{key} runs: " + ", ".join(f"{x:,.0f}" for x in v) + "]" if len(v) > 1 else ""
                         for key, v in runs.items()}
                 ratio = f", {ips['dense'] / base:.1f}x (a)" if base else ""
-                print(f"{name}: (b) elastictrain fit bs{b} bf16 channels_last compile={mode}: "
+                print(f"{name}: (b) elastictrain fit bs{b} bf16 channels_last compile={mode}"
+                      f"{' deferred (new model each epoch)' if args.deferred else ''}: "
                       f"{ips['dense']:,.0f} images/s{ratio}{each['dense']}", flush=True)
                 if "masked" in ips:
                     print(f"{name}:     with masks at density {args.mask_density}: {ips['masked']:,.0f} images/s, "

@@ -4,12 +4,14 @@ Small CIFAR nets are bound by kernel launches, so ``fit`` runs its training forw
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). That compiles once per set of shapes, tens
 of seconds for ResNet-56, and CUP-SS builds a new architecture before every pruning epoch, so those
 epochs used to run eager: 7.3 s each for ResNet-56 at batch 256 against 1.65 s compiled (H100, session
-13), and at the paper's batch 64 (four times the steps) ~30 s, which kept that recipe off one machine.
+13), and at the paper's batch 64 (four times the steps) 19 s on an idle H100, which kept that recipe off
+one machine.
 
-``torch.cuda.make_graphed_callables`` captures one forward and one backward directly, in about a
-second, with no compiler: each pruning epoch can afford its own capture. What it costs in exactness:
-nothing. The graph replays the same kernels on the same parameters and BatchNorm buffers (the
-warm-up passes' updates of the running statistics are undone), and the optimiser stays eager.
+``torch.cuda.make_graphed_callables`` captures one forward and one backward directly, with no
+compiler, so each pruning epoch can afford its own capture: with it, that batch-64 epoch takes 4.2 s,
+capture included (``benchmarks/train_throughput.py --deferred``, README). The graph replays the eager
+step's kernels on the same parameters and BatchNorm buffers (the warm-up passes' updates of the running
+statistics are undone) and the optimiser stays eager; a CUDA test compares graphed and eager steps.
 """
 import torch
 from torch import nn

@@ -455,7 +455,8 @@ def test_graphed_training_matches_eager(amp):
     """Steps through the graph give the eager steps' weights and BatchNorm statistics; the capture's
     warm-up forwards leave the running statistics as they were."""
     from elastictrain.graphs import GraphedForward
-    from elastictrain.train import _autocast, prepare_model
+    from elastictrain.precision import autocast
+    from elastictrain.train import prepare_model
     dev = torch.device("cuda")
 
     def net():
@@ -473,7 +474,7 @@ def test_graphed_training_matches_eager(amp):
         for i, (x, y) in enumerate(zip(xs, ys)):
             if graphed and i == 0:
                 before = [b.clone() for b in m.buffers()]
-            with _autocast(dev, amp):
+            with autocast(dev, amp):
                 loss = F.cross_entropy(fwd(x).float(), y)
             if graphed and i == 0:  # warm-ups undone: one step's update of the running mean, not four
                 assert fwd.fn is not None

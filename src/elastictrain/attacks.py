@@ -19,14 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _autocast(x):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else torch.autocast("cpu", enabled=False)
+from .precision import autocast
 
 
 def _input_grad(forward, x, y):
     x = x.detach().requires_grad_(True)
-    with _autocast(x):
+    with autocast(x.device):
         loss = F.cross_entropy(forward(x).float(), y)
     return torch.autograd.grad(loss, x)[0]
 

@@ -16,6 +16,8 @@ statistics are undone) and the optimiser stays eager; a CUDA test compares graph
 import torch
 from torch import nn
 
+from .precision import autocast
+
 
 class _Forward(nn.Module):
     """make_graphed_callables replaces the ``forward`` of the module it is given; capturing this
@@ -54,9 +56,8 @@ class GraphedForward:
         if not self.model.training:
             raise ValueError("GraphedForward captures the training forward: put the model in train mode first")
         saved = [b.detach().clone() for b in self.model.buffers()]
-        # Autocast inside a graph must not cache casts across calls (the docs' requirement); the
-        # replays then run in bf16 whatever context they are called from, as the capture did.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+        # The replays run in the capture's precision whatever context they are called from.
+        with autocast(x.device, self.amp, cache=False):
             self.fn = torch.cuda.make_graphed_callables(_Forward(self.model), (x.detach().clone(),))
         with torch.no_grad():  # the warm-up forwards moved BatchNorm's running statistics: undo that
             for b, s in zip(self.model.buffers(), saved):

@@ -4,7 +4,6 @@ ModelEval's compression = (conv + linear ``.weight`` elements) / (non-zero eleme
 32/bits when quantized; biases and BatchNorm are not counted, nor are indices or codebooks
 (spec elastictrain.md §2.4). The honest counterpart, bytes of the exported file, is in ``storage``.
 """
-import contextlib
 import time
 
 import pandas as pd
@@ -12,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .models.common import prunable_weights
+from .precision import autocast
 
 
 def layer_table(model: nn.Module) -> pd.DataFrame:
@@ -90,8 +90,7 @@ def latency_ms(model: nn.Module, input_shape, *, batch: int = 1, device="cpu", r
     x = torch.rand(batch, *input_shape, device=device)
     if channels_last and x.dim() == 4:
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with amp:
+    with autocast(device, bf16):
         for _ in range(5):
             model(x)
         times = []

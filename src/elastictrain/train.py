@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from . import attacks, checkpoints, distributed
 from .graphs import GraphedForward
+from .precision import autocast
 
 
 @dataclass(frozen=True)
@@ -147,13 +148,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _autocast(device, enabled=True):
-    # bf16 on CUDA; on the CPU bf16 is slower than fp32, and smoke runs need no speed.
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
 def prepare_model(model: nn.Module, device) -> nn.Module:
     model = model.to(device)
     if torch.device(device).type == "cuda":
@@ -230,7 +224,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                 x_adv = attacks.pgd(state.model, x, y, eps=config.adv_eps, step_size=config.adv_step_size,
                                     steps=config.adv_steps,
                                     forward=attack_forward(state.model, eager=state.defer_compile))
-            with _autocast(device, config.amp):
+            with autocast(device, config.amp):
                 forward = compiled(state.model, eager=state.defer_compile)
                 if config.adversarial_beta < 1:
                     out, out_adv = forward(torch.cat([x, x_adv])).chunk(2)
@@ -405,7 +399,7 @@ def evaluate(model: nn.Module, data, *, amp: bool = False, device=None) -> dict:
     model.eval()
     dev = next(model.parameters()).device
     n, top1, top5, loss = 0, 0, 0, 0.0
-    ctx = _autocast(dev) if amp else torch.autocast(dev.type, enabled=False)
+    ctx = autocast(dev, amp)
     # Reported figures are float32 proper: cuDNN's TF32 convolutions would make a GPU measurement
     # disagree with a CPU re-measurement of the same file on borderline images.
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -448,7 +442,7 @@ def recalibrate_bn(model: nn.Module, loader, batches: int = 50):
     for i, (x, _) in enumerate(loader):
         if i == batches:
             break
-        with _autocast(dev):
+        with autocast(dev):
             model(x.to(dev))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum

@@ -435,6 +435,34 @@ def test_run_cupss_smoke_stops_at_the_flops_budget():
     assert meta["test_images"] == 64 and meta["ratio"] == pytest.approx(s["fr"])
 
 
+def test_cupss_row_distils_only_with_both_teacher_and_weight():
+    from elastictrain.cup import cifar
+    with pytest.raises(ValueError, match="a teacher needs train.distill_alpha > 0"):
+        cifar.CupSSRow("C8", "resnet56", "resnet56", k=0.02, train=cifar.SS_TRAIN, batch_size=256, teacher="resnet56")
+    with pytest.raises(ValueError, match="a teacher needs"):
+        cifar.CupSSRow("C8", "resnet56", "resnet56", k=0.02, batch_size=256,
+                       train=dataclasses.replace(cifar.SS_TRAIN, distill_alpha=0.9))
+    with pytest.raises(ValueError, match="teacher must be one of"):
+        cifar.CupSSRow("C8", "resnet56", "resnet56", k=0.02, batch_size=256, teacher="resnet57",
+                       train=dataclasses.replace(cifar.SS_TRAIN, distill_alpha=0.9))
+
+
+def test_run_cupss_smoke_with_a_teacher_records_it():
+    from elastictrain.cup import cifar
+    from elastictrain.data import DatasetMissingError
+    from elastictrain.storage import read_header
+    row = _tiny(cifar.CupSSRow("C8", "resnet56", "resnet56", k=100.0, batch_size=256, max_flops=120_000_000,
+                               teacher="resnet56", train=dataclasses.replace(cifar.SS_TRAIN, distill_alpha=0.9)))
+    try:
+        r = cifar.run_cupss(row, smoke=True, progress=False)
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+    s, meta = r.summary, read_header(r.path)["meta"]
+    assert s["teacher"] == meta["teacher"] == "resnet56" and s["distill_alpha"] == meta["distill_alpha"] == 0.9
+    assert 0 <= s["teacher_accuracy"] <= 100 and meta["teacher_accuracy"] == s["teacher_accuracy"]
+    assert s["stopped_at"] == 2 and r.layers["kept"].tolist() == [1] * 27  # distilling leaves the pruning as it was
+
+
 def test_run_cup_smoke_reaches_the_target_fr(monkeypatch):
     from elastictrain import baselines
     from elastictrain.cup import cifar

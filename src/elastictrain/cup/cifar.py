@@ -92,8 +92,12 @@ class CupSSRow:
     offset: int = 1
     wd_after_stop: float | None = None   # see CupSS; None keeps the paper's 1e-4 throughout
     multiple: int = 1           # every pass rounds widths up to multiples of it (CupSS); 1: CUP-SS
+    teacher: str | None = None  # a baselines.DENSE key to distil from (train.distill_alpha > 0); not in CUP
     smoke_train_images: int = 256
     smoke_test_images: int = 200
+
+    def __post_init__(self):
+        baselines.check_teacher(self.teacher, self.train)
 
     def smoke(self) -> "CupSSRow":
         return dataclasses.replace(self, batch_size=64,
@@ -203,8 +207,9 @@ def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupR
     ss = CupSS(cfg.k, b=cfg.b, offset=cfg.offset, max_params=cfg.max_params, max_flops=cfg.max_flops,
                wd_after_stop=cfg.wd_after_stop, multiple=cfg.multiple)
     run_state = _run_state(cfg.row, smoke)
+    teacher, teacher_accuracy = baselines.teacher_model(cfg.teacher, smoke=smoke, device=device)
     model, history = fit(model, train_loader, test_loader, cfg.train, callbacks=[ss], device=device,
-                         checkpoint_path=run_state, progress=progress)
+                         checkpoint_path=run_state, progress=progress, teacher=teacher)
     accuracy = evaluate(model, test_loader)["top1"]
     fr, pr = reduction(model)
     best, best_e = best_epoch(history)
@@ -221,7 +226,8 @@ def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupR
                "best_after_stop_accuracy": best_after, "best_after_stop_epoch": best_after_e,
                "epochs": len(history), "train_time_s": round(float(times.sum()), 1),
                "pruning_epochs_time_s": round(float(times[history["epoch"] <= (ss.stopped_at or len(history))].sum()), 1),
-               "wd_after_stop": cfg.wd_after_stop, **_multiple_meta(cfg.multiple)}
+               "wd_after_stop": cfg.wd_after_stop, **_multiple_meta(cfg.multiple),
+               **_teacher_meta(cfg, teacher_accuracy)}
     path = ship(model, cfg.row, smoke=smoke, accuracy=accuracy, test_images=len(test_loader.labels), ratio=fr,
                 dataset="cifar10", method="CUP-SS", widths=layer_widths(model)["kept"].tolist(),
                 device=baselines.environment()["device"], **_rounded(summary))
@@ -260,6 +266,14 @@ def run_cupss_rows(cfgs: list, *, smoke: bool, side_by_side: bool = False, repor
 def _run_cupss_detached(cfg, smoke):
     """``run_cupss`` in a child process; the model goes back through its file, not through a pipe."""
     return dataclasses.replace(run_cupss(cfg, smoke=smoke, progress=False), model=None)
+
+
+def _teacher_meta(cfg: CupSSRow, accuracy) -> dict:
+    """Distillation in a row's summary only when used, like ``_multiple_meta``."""
+    if cfg.teacher is None:
+        return {}
+    return {"teacher": cfg.teacher, "teacher_accuracy": accuracy, "distill_alpha": cfg.train.distill_alpha,
+            "distill_temperature": cfg.train.distill_temperature}
 
 
 def _rounded(d: dict) -> dict:

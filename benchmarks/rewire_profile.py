@@ -1,7 +1,7 @@
 """Where rewiring's per-step cost goes: torch.profiler over one compiled VGG16 epoch (batch 512, synthetic
 CIFAR-shaped data, unstructured masks at density 0.002 in the second epoch of a 4-epoch ramp), without and
 with rewiring (0.3), printing the top operations by GPU time and by CPU time and the epoch times (the
-profiled epoch is the second). One H100: ~75 s. Results: README (mask cost paragraph).
+profiled epoch is the second). One H100: ~75 s. Results: docs/reproduction_log.md (mask cost paragraph).
 
     python benchmarks/rewire_profile.py
 """

@@ -114,11 +114,54 @@ def test_attacks_freeze_the_weights_only_while_attacking():
     assert [p.requires_grad for p in model.parameters()] == [False] + [True] * (len(seen[0]) - 1)
 
 
+def skewed_bn_net():
+    """bn_net with running statistics far from any batch's, so the two BatchNorm modes differ."""
+    model = bn_net()
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.7), model[1].running_var.fill_(4.0)
+    return model
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_statistics_attack_leaves_running_statistics_mode_and_classes_alone(training):
+    model, (x, y) = skewed_bn_net(), images()
+    model.train(training)
+    before = copy.deepcopy(model.state_dict())
+    attacks.pgd(model, x, y, steps=3, bn="batch")
+    assert model.training is training and type(model[1]) is nn.BatchNorm2d
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)      # running stats and counter included
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    attacks.use_clean_statistics(model)                                # a swapped class comes back as it was
+    attacks.pgd(model, x, y, steps=1, bn="batch")
+    assert type(model[1]) is attacks._CleanStatsBatchNorm2d
+
+
+def test_batch_statistics_attack_steps_along_the_train_mode_gradient():
+    model, (x, y) = skewed_bn_net().eval(), images()
+    step = attacks.pgd(model, x, y, eps=EPS, step_size=EPS, steps=1, random_start=False, bn="batch")
+    reference = copy.deepcopy(model).train()                           # batch statistics (its own copy updates)
+    xr = x.clone().requires_grad_(True)
+    g = torch.autograd.grad(F.cross_entropy(reference(xr), y), xr)[0]
+    assert torch.equal(step, (x + EPS * g.sign()).clamp(0, 1))
+    eval_step = attacks.fgsm(model, x, y, eps=EPS)
+    assert (step != eval_step).float().mean() > 0.05                   # not the running-statistics attack
+
+
 @pytest.mark.parametrize("kw", [dict(eps=-0.1), dict(step_size=0.0), dict(steps=0)])
 def test_pgd_rejects_bad_settings(kw):
     model, (x, y) = bn_net().eval(), images()
     with pytest.raises(ValueError, match="need eps"):
         attacks.pgd(model, x, y, **kw)
+
+
+def test_attack_batchnorm_mode_is_checked():
+    model, (x, y) = bn_net().eval(), images()
+    with pytest.raises(ValueError, match="bn must be one of"):
+        attacks.pgd(model, x, y, steps=1, bn="train")
+    assert type(model[1]) is nn.BatchNorm2d and not model.training    # refused before anything changed
+    with pytest.raises(ValueError, match="adv_attack_bn"):
+        TrainConfig(adversarial_beta=0.5, adv_attack_bn="train")
 
 
 @pytest.mark.parametrize("kw", [dict(adversarial_beta=-0.1), dict(adversarial_beta=1.01), dict(adv_steps=0),
@@ -169,7 +212,7 @@ def test_hybrid_loss_is_beta_clean_plus_one_minus_beta_adversarial(monkeypatch):
                   progress=False)
     assert spy.calls == 1
     state, x, y, adv, kw = spy.first
-    assert kw == dict(eps=0.1, step_size=0.04, steps=3, forward=spy.model)  # on the CPU fit never compiles
+    assert kw == dict(eps=0.1, step_size=0.04, steps=3, bn="eval", forward=spy.model)  # CPU: never compiled
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and (adv != x).float().mean() > 0.5
     model = small_mlp()
     model.load_state_dict(state)
@@ -251,20 +294,24 @@ def bn_digit_net(seed=0):
                          nn.Flatten(), nn.Linear(4, 10))
 
 
-@pytest.mark.parametrize("stats", ["mixed", "clean"])
-def test_fit_keeps_running_statistics_of_the_clean_half_only_when_asked(monkeypatch, stats):
+@pytest.mark.parametrize("stats, attack_bn", [("mixed", "eval"), ("clean", "eval"), ("mixed", "batch"),
+                                               ("clean", "batch")])
+def test_fit_keeps_running_statistics_of_the_clean_half_only_when_asked(monkeypatch, stats, attack_bn):
     spy = PgdSpy()
     monkeypatch.setattr(attacks, "pgd", spy)
-    cfg = TrainConfig(epochs=1, lr=0.05, eval_every=0, adversarial_beta=0.5, adv_steps=2, adv_bn_stats=stats)
+    cfg = TrainConfig(epochs=1, lr=0.05, eval_every=0, adversarial_beta=0.5, adv_steps=2, adv_bn_stats=stats,
+                      adv_attack_bn=attack_bn)
     model, _ = fit(bn_digit_net(), GpuLoader(tiny_split(64), 64, train=True), None, cfg, device="cpu",
                    progress=False)
     assert type(model[1]) is nn.BatchNorm2d                     # plain again after fit
-    start, x, _, adv, _ = spy.first
+    start, x, _, adv, kw = spy.first
+    assert kw["bn"] == attack_bn
     conv = nn.Conv2d(1, 4, 3)
     conv.load_state_dict({k[2:]: v for k, v in start.items() if k.startswith("0.")})
     with torch.no_grad():
         seen = conv(x if stats == "clean" else torch.cat([x, adv]))
-    # One step from running mean 0: 0.1 × the batch mean of the images the statistics came from.
+    # One step from running mean 0: 0.1 × the batch mean of the images the statistics came from; a
+    # batch-statistics attack's forwards add nothing to it.
     assert torch.allclose(model[1].running_mean, 0.1 * seen.mean((0, 2, 3)), atol=1e-6)
 
 

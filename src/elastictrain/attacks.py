@@ -4,7 +4,10 @@ Our models hold their normalisation as their first layer (``models.Normalize``),
 perturbs the raw image and the box [0, 1] is the image's own range, as in DNR and Ye et al.
 The model runs in eval mode while the perturbation is computed (ElasticTrain's ModelEval does so,
 and it keeps BatchNorm statistics from drifting towards adversarial batches during training), with
-its parameters frozen; the caller's mode and ``requires_grad`` flags are restored afterwards. Under
+its parameters frozen; the caller's mode and ``requires_grad`` flags are restored afterwards.
+``pgd(bn="batch")`` is spec §5.9's optional alternative for training-time PGD: the model in train
+mode, each BatchNorm normalising the attacked batch with its own statistics (as Madry et al.'s
+training attacks do) while its running statistics stay untouched. Under
 CUDA the forward runs in bf16: the sign of the gradient is all a step uses, and training-time PGD
 costs 7 forward/backward passes per batch.
 
@@ -29,10 +32,38 @@ def _input_grad(forward, x, y):
     return torch.autograd.grad(loss, x)[0]
 
 
+class _BatchStatisticsOnly:
+    """A train-mode BatchNorm that normalises with the batch's own statistics and never writes its
+    running ones (nor its step counter)."""
+
+    def forward(self, x):
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+class _BatchOnlyBatchNorm1d(_BatchStatisticsOnly, nn.BatchNorm1d):
+    pass
+
+
+class _BatchOnlyBatchNorm2d(_BatchStatisticsOnly, nn.BatchNorm2d):
+    pass
+
+
+ATTACK_BN = ("eval", "batch")
+
+
 @contextlib.contextmanager
-def _attacking(model):
+def _attacking(model, bn: str = "eval"):
+    """Frozen weights, and BatchNorm as ``bn`` says: "eval" (running statistics) or "batch" (the
+    attacked batch's own, leaving the running ones alone; the model in train mode)."""
+    if bn not in ATTACK_BN:
+        raise ValueError(f"bn must be one of {ATTACK_BN}, got {bn!r}")
     was, trainable = model.training, [p for p in model.parameters() if p.requires_grad]
-    model.eval()
+    # Only the class changes (as in ``use_clean_statistics``), so the same parameters and buffers serve.
+    swapped = [(m, type(m)) for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))] \
+        if bn == "batch" else []
+    for m, _ in swapped:
+        m.__class__ = _BatchOnlyBatchNorm2d if isinstance(m, nn.BatchNorm2d) else _BatchOnlyBatchNorm1d
+    model.train(bn == "batch")
     for p in trainable:
         p.requires_grad_(False)
     try:
@@ -40,6 +71,8 @@ def _attacking(model):
     finally:
         for p in trainable:
             p.requires_grad_(True)
+        for m, cls in swapped:
+            m.__class__ = cls
         model.train(was)
 
 
@@ -54,9 +87,10 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 /
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, step_size: float = 0.01,
         steps: int = 7, random_start: bool = True, generator: torch.Generator | None = None,
-        forward=None) -> torch.Tensor:
+        forward=None, bn: str = "eval") -> torch.Tensor:
     """PGD-``steps``: uniform start in [−eps, eps], signed steps of ``step_size``, each projected onto
-    [x − eps, x + eps] ∩ [0, 1]."""
+    [x − eps, x + eps] ∩ [0, 1]. ``bn``: the BatchNorm statistics the attack sees ("eval" or "batch",
+    see the module docstring)."""
     if eps < 0 or step_size <= 0 or steps < 1:
         raise ValueError(f"need eps >= 0, step_size > 0 and steps >= 1 (got {eps}, {step_size}, {steps})")
     graphed = forward is not None and forward is not model
@@ -68,7 +102,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
         x_adv = (x + (2 * noise - 1) * eps).clamp(0, 1)
     else:
         x_adv = x.clone()
-    with _attacking(model), torch.enable_grad():
+    with _attacking(model, bn), torch.enable_grad():
         for _ in range(steps):
             if graphed:  # CUDA graphs ("reduce-overhead") may reuse the last step's output buffers now
                 torch.compiler.cudagraph_mark_step_begin()

@@ -58,11 +58,13 @@ class TrainConfig:
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
     # Adversarial training (spec §5.9, DNR's hybrid loss): loss = beta·CE(x) + (1 - beta)·CE(PGD(x)),
-    # PGD on [0, 1] inputs with a random start, run with the model in eval mode. beta = 1: clean only.
+    # PGD on [0, 1] inputs with a random start. beta = 1: clean only. The attack's BatchNorm: "eval"
+    # (running statistics, as ModelEval attacks) or "batch" (the attacked batch's own, spec §5.9's option).
     adversarial_beta: float = 1.0
     adv_eps: float = 8 / 255
     adv_steps: int = 7
     adv_step_size: float = 0.01
+    adv_attack_bn: str = "eval"
     # BatchNorm statistics of the training forward on [clean; adversarial]: "mixed" (the whole batch's)
     # or "clean" (the clean half's, applied to both halves: ``attacks.use_clean_statistics``).
     adv_bn_stats: str = "mixed"
@@ -79,6 +81,8 @@ class TrainConfig:
         if self.adv_bn_stats not in ("mixed", "clean") or (self.adv_bn_stats == "clean" and self.adversarial_beta == 1):
             raise ValueError(f"adv_bn_stats must be 'mixed' or 'clean', and 'clean' needs adversarial training "
                              f"(adversarial_beta < 1); got {self.adv_bn_stats!r} with beta {self.adversarial_beta}")
+        if self.adv_attack_bn not in attacks.ATTACK_BN:
+            raise ValueError(f"adv_attack_bn must be one of {attacks.ATTACK_BN}, not {self.adv_attack_bn!r}")
         if self.bn_splits < 1 or (self.bn_splits > 1 and self.adversarial_beta < 1):
             raise ValueError(f"bn_splits must be >= 1, and 1 with adversarial training (got {self.bn_splits})")
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
@@ -193,7 +197,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     # per epoch instead of compiled (``graphs``); not for PGD's concatenated batch or split batches.
     compiled = _Compiled(config.compile if device.type == "cuda" else None, ddp=parallel,
                          graph_when_deferred=config.bn_splits == 1 and config.adversarial_beta == 1, amp=config.amp)
-    # Training-time PGD differentiates its own compiled copy (eval mode, frozen weights: other
+    # Training-time PGD differentiates its own compiled copy (frozen weights, its own BatchNorm mode: other
     # graphs than the training forward's); every rank attacks its own batch, so no DDP there.
     attack_forward = _Compiled(config.compile if device.type == "cuda" else None)
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
@@ -220,9 +224,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                 g["lr"] = lr
             if config.adversarial_beta < 1:
                 # Generated before the training forward, which then sees one concatenated batch
-                # (pgd runs the model in eval mode and gives it back in train mode).
+                # (pgd gives the model back in train mode).
                 x_adv = attacks.pgd(state.model, x, y, eps=config.adv_eps, step_size=config.adv_step_size,
-                                    steps=config.adv_steps,
+                                    steps=config.adv_steps, bn=config.adv_attack_bn,
                                     forward=attack_forward(state.model, eager=state.defer_compile))
             with autocast(device, config.amp):
                 forward = compiled(state.model, eager=state.defer_compile)

@@ -229,7 +229,7 @@ def _tiny_mnist(n=512):
     return GpuLoader(split, 64, train=True, seed=0)
 
 
-def _fit_ss(epochs, path=None, seen=None, multiple=1):
+def _fit_ss(epochs, path=None, seen=None, multiple=1, b=0.0):
     from elastictrain.cup import CupSS
     from elastictrain.train import Callback, TrainConfig, fit
 
@@ -239,7 +239,7 @@ def _fit_ss(epochs, path=None, seen=None, multiple=1):
                 seen.append((state.epoch, id(state.optimizer), tuple(state.model.arch["kwargs"].get("hidden", ()))))
 
     torch.manual_seed(0)
-    ss = CupSS(k=0.5, b=0.0, offset=1, max_params=100_000, multiple=multiple)
+    ss = CupSS(k=0.5, b=b, offset=1, max_params=100_000, multiple=multiple)
     cfg = TrainConfig(epochs=epochs, lr=0.05, nesterov=False, weight_decay=1e-4, schedule="step",
                       milestones=(80, 120), checkpoint_every=1)
     model, hist = fit(create_model("mlp"), _tiny_mnist(), None, cfg, callbacks=[ss, Watch()],
@@ -260,6 +260,15 @@ def test_cup_ss_prunes_during_training_until_the_budget():
     opt_ids = [o for _, o, _ in seen]
     assert len(set(opt_ids[:ss.stopped_at])) == ss.stopped_at
     assert len(set(opt_ids[ss.stopped_at - 1:])) == 1
+
+
+def test_cup_ss_with_a_negative_b_starts_pruning_later_on_the_same_slope():
+    model, hist, ss = _fit_ss(8, b=-1.0)
+    assert list(hist["t"].dropna()) == [0.5 * (e - 1) - 1.0 for e in range(1, ss.stopped_at + 1)]
+    # t <= 0 at epochs 1-3: no two filters of a trained layer coincide, so nothing goes before epoch 4
+    assert (hist["params"].iloc[:3] == count_params(create_model("mlp"))).all()
+    b0 = _fit_ss(8)[2]
+    assert ss.stopped_at is not None and b0.stopped_at < ss.stopped_at and hist["params"].iloc[-1] <= 100_000
 
 
 def test_cup_ss_resumes_with_the_pruned_architecture(tmp_path):

@@ -510,7 +510,8 @@ def test_best_epoch_reads_the_history_and_skips_unevaluated_epochs():
 
 
 def test_latency_comparison_against_the_unpruned_architecture():
-    from elastictrain.cup.speed import compare, input_shape, to_markdown
+    from elastictrain.cup.speed import compare, to_markdown
+    from elastictrain.models import input_shape
     from elastictrain.metrics import latency_ms
     import pandas as pd
     p, _ = cup_prune(create_model("mlp"), keep={"fc1": 100, "fc2": 60})
@@ -518,6 +519,7 @@ def test_latency_comparison_against_the_unpruned_architecture():
     assert r["FR"] == pytest.approx(1_091_610 / 170_330)
     assert r["CPU bs1 speedup"] == pytest.approx(r["CPU bs1 dense ms"] / r["CPU bs1 pruned ms"])
     assert input_shape(create_model("resnet56")) == (3, 32, 32)
+    assert input_shape(create_model("resnet50")) == (3, 224, 224) and input_shape(p) == (1, 28, 28)
     threads = torch.get_num_threads()
     one = compare(p, row="C1", cpu_reps=3, rounds=1, cpu_threads=1, channels_last=True)
     assert [k for k in one if k.startswith("CPU")] == [f"CPU bs1 1t cl {s}" for s in
@@ -527,6 +529,10 @@ def test_latency_comparison_against_the_unpruned_architecture():
     assert "CPU bs1 pad8 speedup" in padded and padded["FR padded"] < padded["FR"]   # 100/60 -> 104/64
     with pytest.raises(ValueError, match="cpu_threads"):
         compare(p, cpu_threads=0)
+    with pytest.raises(ValueError, match="runtime"):
+        compare(p, runtime="tvm")
+    with pytest.raises(ValueError, match="channels_last"):
+        compare(p, runtime="onnxruntime", channels_last=True)
     with pytest.raises(ValueError, match="CUDA only"):
         latency_ms(p, (1, 28, 28), bf16=True)
     md = to_markdown(pd.DataFrame([{"row": "C1", "FR": 6.4088}])).splitlines()

@@ -207,3 +207,20 @@ def test_cli_human_table(c1_dir, capsys):
     assert out[0].split()[:2] == ["row", "description"]
     assert out[2].startswith("C1 ")
     assert "98.63" in out[2]
+
+
+def test_latency_is_timed_in_inference_mode_with_the_model_in_eval():
+    from elastictrain.metrics import latency_ms, median_ms
+
+    class Probe(torch.nn.Module):
+        seen = []
+
+        def forward(self, x):
+            self.seen.append((torch.is_inference_mode_enabled(), self.training))
+            return x
+
+    probe = Probe()
+    assert latency_ms(probe, (3, 4), reps=7) >= 0
+    assert Probe.seen == [(True, False)] * 12                       # 5 warm-up calls + 7 timed
+    calls = []
+    assert median_ms(lambda: calls.append(1), reps=4, warmup=2) >= 0 and len(calls) == 6

@@ -78,11 +78,25 @@ def dense_fp32_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def median_ms(call, reps: int = 50, warmup: int = 5) -> float:
+    """Median wall time of ``call()`` in ms on the CPU clock, after ``warmup`` untimed calls: the
+    median, not the mean, so that a stray scheduler pause does not move the figure."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call()
+        times.append(1000 * (time.perf_counter() - t0))
+    return float(sorted(times)[len(times) // 2])
+
+
 def latency_ms(model: nn.Module, input_shape, *, batch: int = 1, device="cpu", reps: int = 50,
                bf16: bool = False, channels_last: bool = False) -> float:
     """Median wall time of one forward pass (CUDA: timed with events after a warm-up), in float32 or
     under bf16 autocast (CUDA only, as the trainer runs), in contiguous or channels_last layout. The
-    layout is applied to ``model`` itself (harmless: only strides change)."""
+    layout is applied to ``model`` itself (harmless: only strides change). Under inference mode, as a
+    server runs: recording the autograd graph costs a few percent at batch 1."""
     device = torch.device(device)
     if bf16 and device.type != "cuda":
         raise ValueError("bf16 latency is measured on CUDA only (the CPU path stays float32)")
@@ -90,20 +104,17 @@ def latency_ms(model: nn.Module, input_shape, *, batch: int = 1, device="cpu", r
     x = torch.rand(batch, *input_shape, device=device)
     if channels_last and x.dim() == 4:
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    with autocast(device, bf16):
+    with torch.inference_mode(), autocast(device, bf16):
+        if device.type != "cuda":
+            return median_ms(lambda: model(x), reps)
         for _ in range(5):
             model(x)
         times = []
         for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                model(x)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                model(x)
-                times.append(1000 * (time.perf_counter() - t0))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(x)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
     return float(sorted(times)[len(times) // 2])

@@ -11,22 +11,21 @@ every small conv over all its threads, and the split's overhead, which pruning d
 dominates: one thread is the setting in which a serving process handles one request per core),
 ``gpu_bf16`` (the trainer's bf16 autocast), ``channels_last`` and ``pad_to`` (``pad_widths``: tensor
 cores work in multiples of 8 channels, and CUP's widths, e.g. 31 or 3, are mostly not). Their column
-names say which ran; speedup/FR divides by the FR of the file's own, unpadded widths.
+names say which ran; speedup/FR divides by the FR of the file's own, unpadded widths. ``runtime``
+picks PyTorch or ONNX Runtime for the CPU column (``serving``: at batch 1 ONNX Runtime's per-op cost
+is a fraction of PyTorch's, so the dense baseline is faster too, 4× for ResNet-56).
 """
 import contextlib
 
 import pandas as pd
 import torch
 
+from .. import serving
 from ..flops import reduction, unpruned
 from ..metrics import latency_ms
-from ..models import create_model
+from ..models import create_model, input_shape
 from .cluster import pairs_for, rounded_width
 from .surgery import _BN_KEYS, _widths_kwargs
-
-
-def input_shape(model) -> tuple[int, int, int]:
-    return (1, 28, 28) if model.arch["name"] == "mlp" else (3, 32, 32)
 
 
 def pad_widths(model, multiple: int = 8):
@@ -61,6 +60,9 @@ def pad_widths(model, multiple: int = 8):
     return padded.train(model.training)
 
 
+RUNTIMES = ("torch", "onnxruntime")
+
+
 @contextlib.contextmanager
 def _threads(n):
     saved = torch.get_num_threads()
@@ -73,10 +75,16 @@ def _threads(n):
 
 def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu_batch: int = 512,
             rounds: int = 3, cpu_threads: int | None = None, gpu_bf16: bool = False,
-            channels_last: bool = False, pad_to: int | None = None) -> dict:
-    """Latencies (ms) of ``model`` and of the unpruned architecture, with FR and speedups."""
+            channels_last: bool = False, pad_to: int | None = None, runtime: str = "torch") -> dict:
+    """Latencies (ms) of ``model`` and of the unpruned architecture, with FR and speedups. With
+    ``runtime="onnxruntime"`` the CPU column times both models exported to ONNX Runtime (``serving``;
+    each export checked against PyTorch first); the GPU column stays PyTorch."""
     if cpu_threads is not None and cpu_threads < 1:
         raise ValueError(f"cpu_threads must be >= 1 (None: torch's default), got {cpu_threads}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "onnxruntime" and channels_last:
+        raise ValueError("channels_last is a PyTorch layout; ONNX Runtime chooses its own (NCHWc): drop one")
     dense = create_model(model.arch["name"]).eval()
     model = model.eval()
     shape = input_shape(model)
@@ -91,12 +99,21 @@ def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu
         if cuda:
             torch.backends.cudnn.benchmark = True
         opts = dict(batch=batch, device=device, reps=reps, bf16=cuda and gpu_bf16, channels_last=channels_last)
+        ort = runtime == "onnxruntime" and not cuda
+        if ort:
+            sessions = [serving.session(serving.export_checked(m)[0], cpu_threads) for m in (dense, model)]
+            def timed(i):
+                return serving.latency_ms(sessions[i], shape, batch=batch, reps=reps)
+        else:
+            def timed(i):
+                return latency_ms((dense, model)[i], shape, **opts)
         d, p = [], []
         with _threads(None if cuda else cpu_threads):
             for _ in range(rounds):
-                d.append(latency_ms(dense, shape, **opts))
-                p.append(latency_ms(model, shape, **opts))
-        key = (f"{device.upper()} bs{batch}" + (f" {cpu_threads}t" if cpu_threads and not cuda else "")
+                d.append(timed(0))
+                p.append(timed(1))
+        key = (f"{device.upper()} bs{batch}" + (" ort" if ort else "")
+               + (f" {cpu_threads}t" if cpu_threads and not cuda else "")
                + (" bf16" if cuda and gpu_bf16 else "") + (" cl" if channels_last else "")
                + (f" pad{pad_to}" if pad_to else ""))
         out[f"{key} dense ms"], out[f"{key} pruned ms"] = min(d), min(p)

@@ -25,6 +25,14 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return model
 
 
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """One input image's shape for a registry model: MNIST for the MLP, ImageNet for the torchvision
+    ResNets, CIFAR-10 for the rest."""
+    name = model.arch["name"]
+    return {"mlp": (1, 28, 28), "resnet18": (3, 224, 224), "resnet34": (3, 224, 224),
+            "resnet50": (3, 224, 224)}.get(name, (3, 32, 32))
+
+
 # Imported for their @register_model side effect.
 from . import mlp, resnet, vgg  # noqa: E402,F401
 from .common import Normalize  # noqa: E402,F401

@@ -77,7 +77,6 @@ def dense_fp32_bytes(model: nn.Module) -> int:
     return 4 * count_weights(model)[0]
 
 
-@torch.no_grad()
 def median_ms(call, reps: int = 50, warmup: int = 5) -> float:
     """Median wall time of ``call()`` in ms on the CPU clock, after ``warmup`` untimed calls: the
     median, not the mean, so that a stray scheduler pause does not move the figure."""
@@ -96,7 +95,7 @@ def latency_ms(model: nn.Module, input_shape, *, batch: int = 1, device="cpu", r
     """Median wall time of one forward pass (CUDA: timed with events after a warm-up), in float32 or
     under bf16 autocast (CUDA only, as the trainer runs), in contiguous or channels_last layout. The
     layout is applied to ``model`` itself (harmless: only strides change). Under inference mode, as a
-    server runs: recording the autograd graph costs a few percent at batch 1."""
+    server runs."""
     device = torch.device(device)
     if bf16 and device.type != "cuda":
         raise ValueError("bf16 latency is measured on CUDA only (the CPU path stays float32)")

@@ -5,7 +5,7 @@ import torch
 from elastictrain import serving
 from elastictrain.__main__ import main
 from elastictrain.cup import cup_prune, pairs_for
-from elastictrain.cup.speed import compare
+from elastictrain.cup.speed import compare, summary
 from elastictrain.models import create_model
 from elastictrain.storage import save_compressed
 
@@ -100,6 +100,9 @@ def test_latency_comparison_in_onnx_runtime(pruned_mlp):
     assert r["CPU bs1 ort 1t speedup"] == pytest.approx(r["CPU bs1 ort 1t dense ms"] / r["CPU bs1 ort 1t pruned ms"])
     assert r["CPU bs1 ort 1t speedup/FR"] == pytest.approx(r["CPU bs1 ort 1t speedup"] / r["FR"])
     assert torch.get_num_threads() == threads
+    line = summary(r)
+    assert line.startswith("CPU bs1 ort 1t: dense ") and line.endswith(f"x FR {r['FR']:.2f}x)")
+    assert f"speedup {r['CPU bs1 ort 1t speedup']:.2f}x ({r['CPU bs1 ort 1t speedup/FR']:.2f} x FR" in line
 
 
 def test_export_command_writes_a_checked_onnx_file_and_refuses_a_bad_one(pruned_mlp, tmp_path, capsys):

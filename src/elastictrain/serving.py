@@ -2,9 +2,9 @@
 
 Why: at batch 1 a PyTorch forward on the CPU pays dispatch and allocation for every op, and
 pruning does not shrink that cost. ONNX Runtime runs the exported graph with Conv + BatchNorm +
-ReLU fused and far less per-node overhead. On the 2-core CPU machine (CI's kind, session 29) the
-dense ResNet-56 takes 1.2 ms there against 4.6 ms in PyTorch, and CUP's pruned MLP 0.010 ms
-against 0.035 ms.
+ReLU fused and far less per-node overhead. On the 2-core CPU machine (CI's kind, session 29,
+benchmarks/latency.py on both threads) the dense ResNet-56 takes 1.1 ms there against 4.6 ms in
+PyTorch, and CUP's pruned MLP 0.010 ms against 0.039 ms.
 
 The ``.etm`` file stays the compact storage format (indices, packed codes, codebooks). An ONNX
 file holds dense float32 tensors, zeros included, so it is as large as the layer widths make

@@ -488,3 +488,70 @@ def test_graphed_training_matches_eager(amp):
     for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
     assert models[1][1].num_batches_tracked.item() == 6
+
+
+# ------------------------------------------------------------------------------------- mixup
+
+def test_mixup_mixes_the_batch_with_a_permutation_of_itself():
+    import numpy as np
+    from elastictrain.train import mixup
+    x = torch.arange(12.0).reshape(6, 2)
+    mixed, (perm, lam) = mixup(x, 1.0, np.random.default_rng(3))
+    assert sorted(perm.tolist()) == list(range(6)) and 0 < lam < 1
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+    again, (perm2, lam2) = mixup(x, 1.0, np.random.default_rng(3))
+    assert lam2 == lam and torch.equal(perm2, perm) and torch.equal(again, mixed)
+    # a small alpha puts lam near 0 or 1: the mix stays close to one of its two images
+    lams = [mixup(x, 0.05, np.random.default_rng(s))[1][1] for s in range(50)]
+    assert np.mean([min(v, 1 - v) for v in lams]) < 0.1
+
+
+def test_objective_mixes_the_cross_entropy_like_the_images():
+    from elastictrain.train import objective
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(6, 4, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    perm = torch.tensor([5, 4, 3, 2, 1, 0])
+    cfg = TrainConfig(mixup=1.0)
+    want = 0.3 * F.cross_entropy(out, y) + 0.7 * F.cross_entropy(out, y[perm])
+    assert objective(out, None, y, None, None, cfg, (perm, 0.3)).item() == pytest.approx(want.item(), rel=1e-6)
+    # lam = 1 is no mixing at all
+    assert objective(out, None, y, None, None, cfg, (perm, 1.0)).item() == pytest.approx(
+        F.cross_entropy(out, y).item(), rel=1e-6)
+
+
+def test_mixup_config_is_checked():
+    with pytest.raises(ValueError, match="mixup"):
+        TrainConfig(mixup=-0.5)
+    with pytest.raises(ValueError, match="adversarial"):
+        TrainConfig(mixup=1.0, adversarial_beta=0.5)
+
+
+class _Recorder(nn.Module):
+    """A teacher that remembers what it was shown."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_the_teacher_labels_the_mixed_images(mnist, alpha):
+    train, test = loaders(mnist, n_train=128, bs=64)
+    originals = torch.cat([x for x, _ in GpuLoader(mnist[0].subset(128), 64, train=False)]).flatten(1)
+    teacher = _Recorder(small_mlp(1))
+    fit(small_mlp(), train, test, TrainConfig(epochs=1, lr=0.05, distill_alpha=0.5, mixup=alpha), device="cpu",
+        progress=False, teacher=teacher)
+    seen = torch.cat(teacher.seen).flatten(1)
+    assert len(seen) == 128
+    # nearest training image of each image the teacher saw: itself without mixup; with it, far from
+    # any but for the few a permutation maps onto themselves
+    nearest = torch.cdist(seen, originals, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    if alpha == 0:
+        assert nearest.max().item() < 1e-5
+    else:
+        assert (nearest > 0.1).float().mean().item() > 0.9

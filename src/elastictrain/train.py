@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -57,6 +58,11 @@ class TrainConfig:
     # training, in the clean term only (``objective``).
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
+    # Mixup (Zhang et al. 2018, not in ElasticTrain): x <- lam·x + (1 - lam)·x[perm], one lam ~ Beta(mixup,
+    # mixup) per batch, the cross-entropy mixed alike. With a teacher, the teacher labels the same mixed
+    # image ("function matching", Beyer et al. 2022): a student far smaller than its teacher (1000x) then
+    # learns the teacher's function between the training images too, where plain distillation never asks.
+    mixup: float = 0.0
     # Adversarial training (spec §5.9, DNR's hybrid loss): loss = beta·CE(x) + (1 - beta)·CE(PGD(x)),
     # PGD on [0, 1] inputs with a random start. beta = 1: clean only. The attack's BatchNorm: "eval"
     # (running statistics, as ModelEval attacks) or "batch" (the attacked batch's own, spec §5.9's option).
@@ -85,6 +91,9 @@ class TrainConfig:
             raise ValueError(f"adv_attack_bn must be one of {attacks.ATTACK_BN}, not {self.adv_attack_bn!r}")
         if self.bn_splits < 1 or (self.bn_splits > 1 and self.adversarial_beta < 1):
             raise ValueError(f"bn_splits must be >= 1, and 1 with adversarial training (got {self.bn_splits})")
+        if self.mixup < 0 or (self.mixup > 0 and self.adversarial_beta < 1):
+            raise ValueError(f"mixup must be >= 0 and 0 with adversarial training, whose attack needs the "
+                             f"image's own label (got mixup {self.mixup}, beta {self.adversarial_beta})")
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise ValueError(f"need 0 <= distill_alpha <= 1 and distill_temperature > 0 (got "
                              f"{self.distill_alpha}, {self.distill_temperature})")
@@ -203,6 +212,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
                disable=not progress or not distributed.is_main(), file=sys.stdout, mininterval=5.0, desc="epochs")
     synced = None  # the model whose weights the ranks last made identical
+    # Mixing draws from their own seeded generator: an uninterrupted run is reproducible (a resumed
+    # one draws other mixes than it would have, a difference no figure depends on).
+    mix_rng = np.random.default_rng(config.seed)
     for _ in bar:
         state.metrics = {}
         for cb in callbacks:
@@ -222,6 +234,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
             lr = config.lr_at(state.step, steps_per_epoch)
             for g in state.optimizer.param_groups:
                 g["lr"] = lr
+            mix = None
+            if config.mixup > 0:
+                x, mix = mixup(x, config.mixup, mix_rng)
             if config.adversarial_beta < 1:
                 # Generated before the training forward, which then sees one concatenated batch
                 # (pgd gives the model back in train mode).
@@ -234,7 +249,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                     out, out_adv = forward(torch.cat([x, x_adv])).chunk(2)
                 else:
                     out, out_adv = _split_forward(forward, state.model, x, config.bn_splits), None
-                loss = objective(out, out_adv, y, x, teacher, config)
+                loss = objective(out, out_adv, y, x, teacher, config, mix)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
@@ -332,12 +347,24 @@ def _split_forward(forward, model, x, splits: int):
     return torch.cat(outs)
 
 
-def objective(out, out_adv, y, x, teacher, config: TrainConfig) -> torch.Tensor:
+def mixup(x: torch.Tensor, alpha: float, rng: np.random.Generator) -> tuple[torch.Tensor, tuple]:
+    """``x`` mixed with a permutation of itself (``TrainConfig.mixup``), and ``(perm, lam)`` for the loss.
+    Drawn on the host: no device synchronisation per step."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device, non_blocking=True)
+    return lam * x + (1 - lam) * x[perm], (perm, lam)
+
+
+def objective(out, out_adv, y, x, teacher, config: TrainConfig, mix=None) -> torch.Tensor:
     """One batch's training loss: cross-entropy on ``out`` (the logits of ``x``), or with adversarial
     logits DNR's hybrid beta·clean + (1 − beta)·CE(``out_adv``). A teacher's distillation replaces part of
     the clean term only: the teacher is not robust, so its view of an adversarial image is no target,
-    and the adversarial term keeps its weight 1 − beta."""
+    and the adversarial term keeps its weight 1 − beta. ``mix = (perm, lam)``: ``x`` is a mixup of the
+    batch, and the cross-entropy is lam·CE(y) + (1 − lam)·CE(y[perm])."""
     clean = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+    if mix is not None:
+        perm, lam = mix
+        clean = lam * clean + (1 - lam) * F.cross_entropy(out, y[perm], label_smoothing=config.label_smoothing)
     if teacher is not None:
         clean = _distill(clean, out, teacher, x, config)
     if out_adv is None:

@@ -4,7 +4,7 @@ Each run is notebook 16's recipe cut to EPOCHS epochs (RAMP of them ramp): dense
 pruning to 20x (R1 unstructured, R2 kernel) with beta 0.5 and PGD-7 at 8/255, step 0.01, compiled, then
 the final model's clean accuracy on the full test set, and PGD-7 on all 10,000 images (measured from the
 written file, as notebook 16 does). Optional aids: --distill ALPHA (distillation from
-the dense VGG16 inside the clean term, train.objective), --average DECAY (a weight average from the
+the dense VGG16 inside the clean term, objectives.objective), --average DECAY (a weight average from the
 ramp's end on, elastictrain.averaging), --pgd-step (the training attack's step; spec §5.9 allows 2/255)
 --bn-stats clean (BatchNorm statistics from the clean half of each batch, attacks.use_clean_statistics),
 --attack-bn batch (the training attack normalises with its batch's own statistics, spec §5.9's option)

@@ -380,7 +380,7 @@ def test_distillation_needs_teacher_and_alpha(mnist):
 
 
 def test_distill_loss_values():
-    from elastictrain.train import _distill
+    from elastictrain.objectives import _distill
     out = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
     teacher = nn.Identity()
     ce = torch.tensor(1.25)
@@ -394,7 +394,7 @@ def test_distill_loss_values():
 
 
 def test_objective_distils_only_the_clean_term_of_the_hybrid_loss():
-    from elastictrain.train import _distill, objective
+    from elastictrain.objectives import _distill, objective
     g = torch.Generator().manual_seed(0)
     out, out_adv, t_logits = (torch.randn(6, 4, generator=g) for _ in range(3))
     y = torch.tensor([0, 1, 2, 3, 0, 1])
@@ -494,7 +494,7 @@ def test_graphed_training_matches_eager(amp):
 
 def test_mixup_mixes_the_batch_with_a_permutation_of_itself():
     import numpy as np
-    from elastictrain.train import mixup
+    from elastictrain.objectives import mixup
     x = torch.arange(12.0).reshape(6, 2)
     mixed, (perm, lam) = mixup(x, 1.0, np.random.default_rng(3))
     assert sorted(perm.tolist()) == list(range(6)) and 0 < lam < 1
@@ -507,7 +507,7 @@ def test_mixup_mixes_the_batch_with_a_permutation_of_itself():
 
 
 def test_objective_mixes_the_cross_entropy_like_the_images():
-    from elastictrain.train import objective
+    from elastictrain.objectives import objective
     g = torch.Generator().manual_seed(0)
     out = torch.randn(6, 4, generator=g)
     y = torch.tensor([0, 1, 2, 3, 0, 1])

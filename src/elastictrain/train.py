@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import attacks, checkpoints, distributed
-from .objectives import mixup, objective
 from .graphs import GraphedForward
+from .objectives import mixup, objective
 from .precision import autocast
 
 

@@ -4,7 +4,7 @@ process (elastictrain.cup.speed.compare). Prints the table beside each row's FLO
 writes it to --out as CSV and markdown (the suffix is replaced by .csv and .md).
 
     python benchmarks/latency.py --out results/cup_latency [--dir TrainedModels] [--threads N]
-        [--gpu-bf16] [--channels-last] [--pad-to 8] [--runtime onnxruntime]
+        [--gpu-bf16] [--channels-last] [--pad-to 8] [--runtime onnxruntime [--ort-optimization extended]]
 
 Run it on an otherwise idle machine: a GPU shared with training runs gives meaningless times.
 """
@@ -17,6 +17,7 @@ import torch
 
 from elastictrain.cup.speed import RUNTIMES, compare, to_markdown
 from elastictrain.evaluation import trained_models_dir
+from elastictrain.serving import OPTIMIZATIONS
 from elastictrain.storage import load_compressed
 
 
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
                    help="time the pruned model with its widths zero-padded to this multiple (cup.speed.pad_widths)")
     p.add_argument("--runtime", choices=RUNTIMES, default="torch",
                    help="CPU column through PyTorch or ONNX Runtime (elastictrain.serving); GPU stays PyTorch")
+    p.add_argument("--ort-optimization", choices=tuple(OPTIMIZATIONS), default="all",
+                   help="ONNX Runtime's graph optimisation level; below 'all' there is no blocked NCHWc layout")
     p.add_argument("--reps", type=int, default=50)
     args = p.parse_args(argv)
     files = sorted(Path(args.dir or trained_models_dir()).glob(args.pattern))
@@ -45,12 +48,13 @@ def main(argv=None) -> int:
         return 1
     rows = [compare(load_compressed(f), row=f.stem, cpu_reps=args.reps, gpu_reps=args.reps, cpu_threads=args.threads,
                     gpu_bf16=args.gpu_bf16, channels_last=args.channels_last, pad_to=args.pad_to,
-                    runtime=args.runtime) for f in files]
+                    runtime=args.runtime, ort_optimization=args.ort_optimization) for f in files]
     df = pd.DataFrame(rows)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     gpu_mode = "bf16 autocast" if args.gpu_bf16 else "float32"
     padding = f"pruned widths zero-padded to multiples of {args.pad_to}; " if args.pad_to else ""
-    cpu_runtime = "PyTorch" if args.runtime == "torch" else f"ONNX Runtime {onnxruntime_version()}"
+    cpu_runtime = ("PyTorch" if args.runtime == "torch" else
+                   f"ONNX Runtime {onnxruntime_version()}, optimisation level {args.ort_optimization}")
     header = (f"CPU: {platform.processor() or platform.machine()}, {args.threads or torch.get_num_threads()} of "
               f"{torch.get_num_threads()} threads, float32, {cpu_runtime}; GPU: {gpu}, {gpu_mode}; "
               f"{'channels_last; ' if args.channels_last else ''}{padding}torch {torch.__version__}; "

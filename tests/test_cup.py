@@ -533,6 +533,10 @@ def test_latency_comparison_against_the_unpruned_architecture():
         compare(p, runtime="tvm")
     with pytest.raises(ValueError, match="channels_last"):
         compare(p, runtime="onnxruntime", channels_last=True)
+    with pytest.raises(ValueError, match="ort_optimization must be one of"):
+        compare(p, runtime="onnxruntime", ort_optimization="max")
+    with pytest.raises(ValueError, match="needs runtime='onnxruntime'"):
+        compare(p, ort_optimization="extended")
     with pytest.raises(ValueError, match="CUDA only"):
         latency_ms(p, (1, 28, 28), bf16=True)
     md = to_markdown(pd.DataFrame([{"row": "C1", "FR": 6.4088}])).splitlines()

@@ -1,4 +1,6 @@
 """Tests for elastictrain.serving: ONNX export checked in ONNX Runtime, its latency and its CLI."""
+import platform
+
 import pytest
 import torch
 
@@ -103,6 +105,40 @@ def test_latency_comparison_in_onnx_runtime(pruned_mlp):
     line = summary(r)
     assert line.startswith("CPU bs1 ort 1t: dense ") and line.endswith(f"x FR {r['FR']:.2f}x)")
     assert f"speedup {r['CPU bs1 ort 1t speedup']:.2f}x ({r['CPU bs1 ort 1t speedup/FR']:.2f} x FR" in line
+
+
+def _nchwc_nodes(data, sess, tmp_path):
+    """Nodes in ONNX Runtime's blocked-layout domain once ``sess``'s own options have optimised the
+    graph ``data`` (written out by a second session with the same options)."""
+    import onnx
+    import onnxruntime as ort
+    opts = sess.get_session_options()
+    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return sum(n.domain == "com.microsoft.nchwc" for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the NCHWc layout is an x86 (AVX2/AVX-512) path")
+def test_optimisation_levels_compute_the_same_logits_and_only_all_is_blocked(pruned_resnet56, tmp_path):
+    data = serving.to_onnx(pruned_resnet56)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = pruned_resnet56.eval()(x)
+    blocked = {}
+    for level in serving.OPTIMIZATIONS:
+        sess = serving.session(data, threads=1, optimization=level)
+        assert torch.allclose(serving.run(sess, x), want, atol=1e-4, rtol=0)
+        blocked[level] = _nchwc_nodes(data, sess, tmp_path)
+    # At "all" the convs run blocked, CUP's odd widths padded up to the block (the cost that rounds pruning away).
+    assert blocked["basic"] == blocked["extended"] == 0 < blocked["all"]
+    with pytest.raises(ValueError, match="optimization must be one of"):
+        serving.session(data, optimization="max")
+
+
+def test_latency_comparison_names_a_lower_optimisation_level(pruned_mlp):
+    r = compare(pruned_mlp, cpu_reps=3, rounds=1, cpu_threads=1, runtime="onnxruntime", ort_optimization="extended")
+    assert [k for k in r if k.startswith("CPU")] == [f"CPU bs1 ort extended 1t {s}" for s in
+                                                     ("dense ms", "pruned ms", "speedup", "speedup/FR")]
 
 
 def test_export_command_writes_a_checked_onnx_file_and_refuses_a_bad_one(pruned_mlp, tmp_path, capsys):

@@ -58,16 +58,28 @@ def to_onnx(model: nn.Module, path=None) -> bytes:
     return data
 
 
-def session(onnx_model: bytes, threads: int | None = None):
-    """An ONNX Runtime CPU session with every graph optimisation on (fusions and the blocked NCHWc
-    layout) and ``threads`` intra-op threads (default: as many as torch uses)."""
+# ONNX Runtime's graph optimisation levels, by the names its GraphOptimizationLevel gives them.
+# "all" adds the blocked NCHWc layout (channels in blocks of 16 with AVX-512, 8 with AVX2) to
+# "extended"'s fusions. It is the fastest level for every model here, dense or pruned, but a pruned
+# width is paid for as whole blocks: a ResNet-56 block that keeps 7 of 16 filters costs what 16
+# do. "extended" keeps plain NCHW, where time follows the width, so the pair of levels separates
+# what pruning saves from what the layout rounds away (benchmarks/results/cup_latency.md).
+OPTIMIZATIONS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def session(onnx_model: bytes, threads: int | None = None, optimization: str = "all"):
+    """An ONNX Runtime CPU session with graph optimisations up to ``optimization`` (one of
+    ``OPTIMIZATIONS``; "all" includes the blocked NCHWc layout) and ``threads`` intra-op threads
+    (default: as many as torch uses)."""
+    if optimization not in OPTIMIZATIONS:
+        raise ValueError(f"optimization must be one of {tuple(OPTIMIZATIONS)}, got {optimization!r}")
     ort = _require("onnxruntime")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 (None: torch's default), got {threads}")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1            # one graph, one request: parallelism inside ops only
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATIONS[optimization])
     return ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
 
 

@@ -75,16 +75,22 @@ def _threads(n):
 
 def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu_batch: int = 512,
             rounds: int = 3, cpu_threads: int | None = None, gpu_bf16: bool = False,
-            channels_last: bool = False, pad_to: int | None = None, runtime: str = "torch") -> dict:
+            channels_last: bool = False, pad_to: int | None = None, runtime: str = "torch",
+            ort_optimization: str = "all") -> dict:
     """Latencies (ms) of ``model`` and of the unpruned architecture, with FR and speedups. With
     ``runtime="onnxruntime"`` the CPU column times both models exported to ONNX Runtime (``serving``;
-    each export checked against PyTorch first); the GPU column stays PyTorch."""
+    each export checked against PyTorch first) at graph optimisation level ``ort_optimization``; the
+    GPU column stays PyTorch."""
     if cpu_threads is not None and cpu_threads < 1:
         raise ValueError(f"cpu_threads must be >= 1 (None: torch's default), got {cpu_threads}")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime == "onnxruntime" and channels_last:
         raise ValueError("channels_last is a PyTorch layout; ONNX Runtime chooses its own (NCHWc): drop one")
+    if ort_optimization not in serving.OPTIMIZATIONS:
+        raise ValueError(f"ort_optimization must be one of {tuple(serving.OPTIMIZATIONS)}, got {ort_optimization!r}")
+    if ort_optimization != "all" and runtime != "onnxruntime":
+        raise ValueError("ort_optimization sets ONNX Runtime's graph optimisation level: it needs runtime='onnxruntime'")
     dense = create_model(model.arch["name"]).eval()
     model = model.eval()
     shape = input_shape(model)
@@ -101,7 +107,8 @@ def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu
         opts = dict(batch=batch, device=device, reps=reps, bf16=cuda and gpu_bf16, channels_last=channels_last)
         ort = runtime == "onnxruntime" and not cuda
         if ort:
-            sessions = [serving.session(serving.export_checked(m)[0], cpu_threads) for m in (dense, model)]
+            sessions = [serving.session(serving.export_checked(m)[0], cpu_threads, ort_optimization)
+                        for m in (dense, model)]
             def timed(i):
                 return serving.latency_ms(sessions[i], shape, batch=batch, reps=reps)
         else:
@@ -113,6 +120,7 @@ def compare(model, *, row: str = "", cpu_reps: int = 50, gpu_reps: int = 50, gpu
                 d.append(timed(0))
                 p.append(timed(1))
         key = (f"{device.upper()} bs{batch}" + (" ort" if ort else "")
+               + (f" {ort_optimization}" if ort and ort_optimization != "all" else "")
                + (f" {cpu_threads}t" if cpu_threads and not cuda else "")
                + (" bf16" if cuda and gpu_bf16 else "") + (" cl" if channels_last else "")
                + (f" pad{pad_to}" if pad_to else ""))

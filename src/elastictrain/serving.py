@@ -60,10 +60,12 @@ def to_onnx(model: nn.Module, path=None) -> bytes:
 
 # ONNX Runtime's graph optimisation levels, by the names its GraphOptimizationLevel gives them.
 # "all" adds the blocked NCHWc layout (channels in blocks of 16 with AVX-512, 8 with AVX2) to
-# "extended"'s fusions. It is the fastest level for every model here, dense or pruned, but a pruned
-# width is paid for as whole blocks: a ResNet-56 block that keeps 7 of 16 filters costs what 16
-# do. "extended" keeps plain NCHW, where time follows the width, so the pair of levels separates
-# what pruning saves from what the layout rounds away (benchmarks/results/cup_latency.md).
+# "extended"'s fusions. It is the faster level for every ResNet-56, dense or pruned, and for every
+# VGG16 on two threads, but a pruned width is paid for as whole blocks: a ResNet-56 block that keeps
+# 7 of 16 filters costs what 16 do. "extended" keeps plain NCHW, where time follows the width (on
+# one thread the CUP-SS VGG16 files, whose widths are arbitrary, run faster there), so the pair of
+# levels separates what pruning saves from what the layout rounds away (session 31 on the 2-core
+# CPU, benchmarks/results/cup_latency.md).
 OPTIMIZATIONS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 

@@ -4,20 +4,21 @@ repository, and gather what they wrote.
 Two variants of a row write the same files (``TrainedModels/<row>.etm``, ``checkpoints/``), so variants
 that run at once need their own working trees. A device call lasts at most 10 minutes and a session's GPU
 time 30, so the lanes run detached: one call starts them, later calls wait on them and bring back what
-is done (at most 8 files come back per call, hence one tar).
+is done, one tar per lane (at most 8 files of at most 16 MB come back from a call).
 
     python scripts/lanes.py start ROOT LANES        # copy the repository to ROOT/<lane> per lane, start, return
     python scripts/lanes.py wait ROOT --timeout 500 --out "$OUT"   # wait, print states and log tails, pack
 
 LANES is a file (``-``: standard input) with one lane per line, ``NAME: shell command``; blank lines and
 ``#`` comments are skipped. A lane runs its command with bash in ROOT/NAME with ``src/`` of that copy
-first on PYTHONPATH. A lane that needs another's product waits for the file in the shell, e.g.
+first on PYTHONPATH. A lane that needs another's product waits for it in the shell (one line each):
 
     A: python scripts/reproduce.py --out out dense-vgg16 && python benchmarks/robust_variants.py ...
-    B: until [ -e ../A/out/dense-vgg16.log ] && grep -q sha256 ../A/out/dense-vgg16.log; do sleep 10; done; cp -r ../A/checkpoints . && python benchmarks/robust_variants.py ...
+    B: until grep -qs '"dense-vgg16": "done"' ../A/out/status.json; do sleep 10; done; cp -r ../A/checkpoints . && ...
 
-Stop a lane with ``kill -- -$(cat ROOT/NAME/.lane.pid)`` (its process group). ``wait`` packs into ``<out>/lanes.tar.gz``, per lane, ``lane.log`` and every file under ``out/``,
-``TrainedModels/``, ``notebooks/`` and ``benchmarks/results/`` that changed after the lane started.
+``wait`` packs into ``<out>/lane-<NAME>.tar.gz`` that lane's ``lane.log`` and every file under ``out/``,
+``TrainedModels/``, ``notebooks/`` and ``benchmarks/results/`` that changed after it started. Stop a lane
+with ``kill -- -$(cat ROOT/NAME/.lane.pid)`` (its process group).
 """
 import argparse
 import json
@@ -99,18 +100,20 @@ def _changed(lane: Path, since: float):
                         if p.is_file() and "__pycache__" not in p.parts and p.stat().st_mtime >= since)
 
 
-def pack(root: Path, out: Path) -> Path:
-    """Each lane's log and the files it changed, as ``<lane>/<path>`` in ``out/lanes.tar.gz``."""
+def pack(root: Path, out: Path) -> list[Path]:
+    """Each lane's log and the files it changed, as ``<lane>/<path>`` in ``out/lane-<lane>.tar.gz``: one tar
+    per lane, since a file over 16 MB does not come back from the device (two lanes' models can pass that)."""
     out.mkdir(parents=True, exist_ok=True)
-    target = out / "lanes.tar.gz"
-    with tarfile.open(target, "w:gz") as tar:
-        for name in states(root):
-            lane = root / name
-            since = json.loads((lane / ".lane.json").read_text())["started"]
+    packed = []
+    for name in states(root):
+        lane, target = root / name, out / f"lane-{name}.tar.gz"
+        since = json.loads((lane / ".lane.json").read_text())["started"]
+        with tarfile.open(target, "w:gz") as tar:
             tar.add(lane / "lane.log", f"{name}/lane.log")
             for path in _changed(lane, since):
                 tar.add(path, f"{name}/{path.relative_to(lane)}")
-    return target
+        packed.append(target)
+    return packed
 
 
 def wait(root: Path, timeout_s: float, out: Path | None, tail: int = 5, poll_s: float = 5.0) -> dict:
@@ -125,7 +128,7 @@ def wait(root: Path, timeout_s: float, out: Path | None, tail: int = 5, poll_s: 
         print(f"== lane {name}: {state}")
         print("\n".join(lines[-tail:]))
     if out is not None:
-        print("packed", pack(root, out))
+        print("packed", *pack(root, out))
     return now
 
 
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     w = sub.add_parser("wait", help="wait for the lanes, print their states and pack what they wrote")
     w.add_argument("root", type=Path)
     w.add_argument("--timeout", type=float, default=0.0, help="seconds to wait at most (0: report now)")
-    w.add_argument("--out", type=Path, help="folder for lanes.tar.gz (on the GPU machine: $OUT)")
+    w.add_argument("--out", type=Path, help="folder for the lane-<NAME>.tar.gz files (on the GPU machine: $OUT)")
     w.add_argument("--tail", type=int, default=5, help="log lines to print per lane")
     a = ap.parse_args(argv)
     try:

@@ -59,9 +59,11 @@ def test_lanes_run_in_their_own_copies_and_pack_what_they_changed(lanes, source,
     copied = {str(p.relative_to(root / "A")) for p in (root / "A").rglob("*") if p.is_file()}
     assert copied == {"src/pkg/__init__.py", "TrainedModels/old.etm", "TrainedModels/A.etm", "notebooks/n.ipynb",
                       "checkpoints/vgg16.pt", "lane.log", ".lane.json", ".lane.pid", ".lane.rc"}
-    with tarfile.open(tmp_path / "back" / "lanes.tar.gz") as tar:
-        assert sorted(tar.getnames()) == ["A/TrainedModels/A.etm", "A/lane.log",
-                                          "B/TrainedModels/A.etm", "B/lane.log"]
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["lane-A.tar.gz", "lane-B.tar.gz"]
+    with tarfile.open(tmp_path / "back" / "lane-A.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["A/TrainedModels/A.etm", "A/lane.log"]
+    with tarfile.open(tmp_path / "back" / "lane-B.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["B/TrainedModels/A.etm", "B/lane.log"]
         assert tar.extractfile("B/TrainedModels/A.etm").read() == b"new\n"
     assert lanes.main(["wait", str(root)]) == 1  # a failed lane fails the call
 

@@ -429,24 +429,23 @@ def test_distillation_pulls_the_student_towards_the_teacher(mnist):
 
 
 def test_compiled_forward_is_skipped_while_deferred():
-    from elastictrain.train import _Compiled
+    from elastictrain.graphs import TrainingForward
     m = small_mlp()
-    c = _Compiled("reduce-overhead")
+    c = TrainingForward("reduce-overhead")
     assert c(m, eager=True) is m and c.source is None      # nothing compiled while deferred
-    assert _Compiled(None)(m) is m                         # no mode: always the eager module
+    assert TrainingForward(None)(m) is m                   # no mode: always the eager module
 
 
 def test_deferred_forward_is_graphed_per_model():
-    from elastictrain.graphs import GraphedForward
-    from elastictrain.train import _Compiled
+    from elastictrain.graphs import GraphedForward, TrainingForward
     m, m2 = small_mlp(), small_mlp(1)
-    c = _Compiled("reduce-overhead", graph_when_deferred=True)
+    c = TrainingForward("reduce-overhead", graph_when_deferred=True)
     g = c(m, eager=True)
     assert isinstance(g, GraphedForward) and g.model is m and g.fn is None  # captured at its first call
     assert c(m, eager=True) is g                           # one capture per model, not per step
     assert c(m2, eager=True).model is m2                   # a pruned model gets its own graph
     assert c(m2) is not m2 and c.graphed is None           # then compiled, the graph released
-    assert _Compiled("max-autotune", graph_when_deferred=True)(m, eager=True) is m  # graphs only stand in for CUDA-graph mode
+    assert TrainingForward("max-autotune", graph_when_deferred=True)(m, eager=True) is m  # graphs only stand in for CUDA-graph mode
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import attacks, checkpoints, distributed
-from .graphs import GraphedForward
+from .graphs import TrainingForward
 from .objectives import mixup, objective
 from .precision import autocast
 
@@ -205,11 +205,11 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                          "already normalises its own batch")
     # While a callback changes the architecture each epoch (CUP-SS), the forward is CUDA-graphed
     # per epoch instead of compiled (``graphs``); not for PGD's concatenated batch or split batches.
-    compiled = _Compiled(config.compile if device.type == "cuda" else None, ddp=parallel,
-                         graph_when_deferred=config.bn_splits == 1 and config.adversarial_beta == 1, amp=config.amp)
+    compiled = TrainingForward(config.compile if device.type == "cuda" else None, ddp=parallel,
+                               graph_when_deferred=config.bn_splits == 1 and config.adversarial_beta == 1, amp=config.amp)
     # Training-time PGD differentiates its own compiled copy (frozen weights, its own BatchNorm mode: other
     # graphs than the training forward's); every rank attacks its own batch, so no DDP there.
-    attack_forward = _Compiled(config.compile if device.type == "cuda" else None)
+    attack_forward = TrainingForward(config.compile if device.type == "cuda" else None)
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
                disable=not progress or not distributed.is_main(), file=sys.stdout, mininterval=5.0, desc="epochs")
     synced = None  # the model whose weights the ranks last made identical
@@ -290,41 +290,6 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     for cb in callbacks:
         cb.on_train_end(state)
     return state.model, pd.DataFrame(state.history)
-
-
-class _Compiled:
-    """The training forward: the model, wrapped in DistributedDataParallel under torchrun and
-    compiled when a mode is set; rebuilt when a callback swaps the model (CUP-SS).
-
-    Small CIFAR nets are bound by kernel launches at any batch size (ResNet-56 on an H200: ~21 ms
-    per step at batch 256 and at 512). Measured there: mode "default" gains nothing, while
-    "reduce-overhead" (CUDA graphs) is 2.6x faster on ResNet-56 and 1.75x on VGG16. Evaluation stays eager.
-    While compiling is deferred (``eager=True``: the shapes change every epoch), "reduce-overhead" with
-    ``graph_when_deferred`` captures each model's forward as a CUDA graph without compiling it.
-    """
-
-    def __init__(self, mode, ddp=False, graph_when_deferred=False, amp=True):
-        self.mode, self.ddp = mode, ddp
-        self.graph = graph_when_deferred and mode == "reduce-overhead" and not ddp
-        self.amp = amp
-        self.source, self.wrapped, self.fn, self.graphed = None, None, None, None
-
-    def __call__(self, model, eager=False):
-        if eager and self.graph:
-            if self.graphed is None or self.graphed.model is not model:
-                self.graphed = GraphedForward(model, self.amp)
-            return self.graphed
-        self.graphed = None  # frees the last pruning epoch's graph once compiling takes over
-        if not self.ddp and (self.mode is None or eager):
-            return model
-        if model is not self.source:
-            self.source, self.fn = model, None
-            self.wrapped = distributed.ddp(model) if self.ddp else model
-        if self.mode is None or eager:
-            return self.wrapped
-        if self.fn is None:
-            self.fn = torch.compile(self.wrapped, mode=self.mode)
-        return self.fn
 
 
 def _split_forward(forward, model, x, splits: int):

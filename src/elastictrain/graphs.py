@@ -1,7 +1,6 @@
 """How ``fit`` runs its training forward: compiled, as a CUDA graph per epoch, or eager (``TrainingForward``).
 
-CUDA graphs for a training forward whose architecture changes from epoch to epoch (CUP-SS):
-
+The CUDA graphs here serve a training forward whose architecture changes from epoch to epoch (CUP-SS).
 Small CIFAR nets are bound by kernel launches, so ``fit`` runs its training forward under
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). That compiles once per set of shapes, tens
 of seconds for ResNet-56, and CUP-SS builds a new architecture before every pruning epoch, so those

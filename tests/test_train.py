@@ -445,7 +445,8 @@ def test_deferred_forward_is_graphed_per_model():
     assert c(m, eager=True) is g                           # one capture per model, not per step
     assert c(m2, eager=True).model is m2                   # a pruned model gets its own graph
     assert c(m2) is not m2 and c.graphed is None           # then compiled, the graph released
-    assert TrainingForward("max-autotune", graph_when_deferred=True)(m, eager=True) is m  # graphs only stand in for CUDA-graph mode
+    # graphs only stand in for CUDA-graph mode
+    assert TrainingForward("max-autotune", graph_when_deferred=True)(m, eager=True) is m
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")

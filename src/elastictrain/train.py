@@ -205,8 +205,8 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                          "already normalises its own batch")
     # While a callback changes the architecture each epoch (CUP-SS), the forward is CUDA-graphed
     # per epoch instead of compiled (``graphs``); not for PGD's concatenated batch or split batches.
-    compiled = TrainingForward(config.compile if device.type == "cuda" else None, ddp=parallel,
-                               graph_when_deferred=config.bn_splits == 1 and config.adversarial_beta == 1, amp=config.amp)
+    compiled = TrainingForward(config.compile if device.type == "cuda" else None, ddp=parallel, amp=config.amp,
+                               graph_when_deferred=config.bn_splits == 1 and config.adversarial_beta == 1)
     # Training-time PGD differentiates its own compiled copy (frozen weights, its own BatchNorm mode: other
     # graphs than the training forward's); every rank attacks its own batch, so no DDP there.
     attack_forward = TrainingForward(config.compile if device.type == "cuda" else None)

@@ -82,10 +82,10 @@ def start(root: Path, lanes: dict, source: Path = ROOT) -> None:
 
 def _state(lane: Path) -> str:
     rc = lane / ".lane.rc"
-    if rc.exists() and rc.read_text().strip():
-        code = int(rc.read_text())
-        return "done" if code == 0 else f"failed ({code})"
-    return "running"
+    text = rc.read_text().strip() if rc.exists() else ""  # empty while the shell is still writing it
+    if not text:
+        return "running"
+    return "done" if text == "0" else f"failed ({text})"
 
 
 def states(root: Path) -> dict:

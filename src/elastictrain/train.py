@@ -205,11 +205,12 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                          "already normalises its own batch")
     # While a callback changes the architecture each epoch (CUP-SS), the forward is CUDA-graphed
     # per epoch instead of compiled (``graphs``); not for PGD's concatenated batch or split batches.
-    compiled = TrainingForward(config.compile if device.type == "cuda" else None, ddp=parallel, amp=config.amp,
-                               graph_when_deferred=config.bn_splits == 1 and config.adversarial_beta == 1)
+    mode = config.compile if device.type == "cuda" else None
+    train_forward = TrainingForward(mode, ddp=parallel, amp=config.amp,
+                                    graph_when_deferred=config.bn_splits == 1 and config.adversarial_beta == 1)
     # Training-time PGD differentiates its own compiled copy (frozen weights, its own BatchNorm mode: other
     # graphs than the training forward's); every rank attacks its own batch, so no DDP there.
-    attack_forward = TrainingForward(config.compile if device.type == "cuda" else None)
+    attack_forward = TrainingForward(mode)
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
                disable=not progress or not distributed.is_main(), file=sys.stdout, mininterval=5.0, desc="epochs")
     synced = None  # the model whose weights the ranks last made identical
@@ -245,7 +246,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                                     steps=config.adv_steps, bn=config.adv_attack_bn,
                                     forward=attack_forward(state.model, eager=state.defer_compile))
             with autocast(device, config.amp):
-                forward = compiled(state.model, eager=state.defer_compile)
+                forward = train_forward(state.model, eager=state.defer_compile)
                 if config.adversarial_beta < 1:
                     out, out_adv = forward(torch.cat([x, x_adv])).chunk(2)
                 else:

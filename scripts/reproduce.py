@@ -22,7 +22,9 @@ With ``--gpus N`` each job is started on the GPU with the fewest running jobs (`
 what shortens a full run (measured runs: README, ``benchmarks/results/prune_variants.md``).
 
 Each job's log is ``<out>/<job>.log``, each executed notebook ``<out>/<notebook>.ipynb``, and
-``<out>/status.json`` says which jobs are pending, running, done or failed. A GPU call is capped at
+``<out>/status.json`` says which jobs are pending, running, done or failed (also those an earlier
+invocation into the same ``<out>`` finished, so ``... dense-vgg16 && ... 16`` leaves ``dense-vgg16`` done
+for a lane that waits on it). A GPU call is capped at
 10 minutes; ``--detach`` lets the work outlive the call while later calls ``--wait`` on it.
 """
 import argparse
@@ -113,17 +115,27 @@ JOBS = {
 }
 
 
+def _finished(out: Path, exclude) -> dict:
+    """The jobs a status.json already in ``out`` records as finished, less those in ``exclude``."""
+    path = out / "status.json"
+    record = json.loads(path.read_text())["status"] if path.exists() else {}
+    return {j: s for j, s in record.items() if j not in exclude and s not in ("pending", "running")}
+
+
 def run(selected, out: Path, parallel: int, gpus: int = 0, poll_s=5.0, sets=None):
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PYTHONUNBUFFERED="1")
     status = {j: "pending" for j in selected}
+    # An earlier invocation's finished jobs stay in status.json: `a && b` into one --out must not erase
+    # a's "done" that another lane is waiting for (session 35 lost notebook 13's wall-time line that way).
+    earlier = _finished(out, exclude=selected)
     running, started, finished = {}, {}, {}
     gpu = {}  # job -> the GPU it was started on (with gpus > 0)
 
     def save():  # atomically: --wait reads it while it is rewritten
         tmp = out / "status.json.tmp"
-        tmp.write_text(json.dumps({"status": status, "elapsed_s": {
+        tmp.write_text(json.dumps({"status": {**earlier, **status}, "elapsed_s": {
             j: round(finished.get(j, time.time()) - t0, 1) for j, t0 in started.items()}, "gpu": gpu}, indent=1))
         tmp.replace(out / "status.json")
 

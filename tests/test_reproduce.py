@@ -56,6 +56,17 @@ def test_a_failed_dependency_skips_its_dependants(reproduce, tmp_path, monkeypat
     assert status["dense-b"].startswith("skipped") and status["dense-e"].startswith("skipped")
 
 
+def test_a_later_invocation_keeps_the_earlier_jobs_finished_status(reproduce, tmp_path, monkeypatch):
+    reproduce.run(["dense-a"], tmp_path, parallel=1, poll_s=0.02)
+    monkeypatch.setattr(reproduce, "_dense", lambda name: [sys.executable, "-c", "raise SystemExit(2)"])
+    status = reproduce.run(["dense-d"], tmp_path, parallel=1, poll_s=0.02)
+    assert status == {"dense-d": "failed (2)"}
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == {"dense-a": "done", "dense-d": "failed (2)"}
+    # A job run again is recorded afresh, not kept from before.
+    reproduce.run(["dense-a"], tmp_path, parallel=1, poll_s=0.02)
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == {"dense-d": "failed (2)", "dense-a": "failed (2)"}
+
+
 def test_set_parses_literals_for_parameters_the_notebook_has(reproduce, monkeypatch):
     monkeypatch.setattr(reproduce, "JOBS", {"13": ([], "13_vgg16_cupss"), "dense-vgg16": ([], None)})
     sets = reproduce.parse_sets(["13:WD_AFTER_STOP=None", "13:WEIGHT_DECAY=1e-5", "13:KS={'C4': 0.02}",

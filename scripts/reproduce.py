@@ -115,11 +115,10 @@ JOBS = {
 }
 
 
-def _finished(out: Path, exclude) -> dict:
-    """The jobs a status.json already in ``out`` records as finished, less those in ``exclude``."""
+def _recorded(out: Path) -> dict:
+    """Job -> status as ``out/status.json`` records it ({} before the first save)."""
     path = out / "status.json"
-    record = json.loads(path.read_text())["status"] if path.exists() else {}
-    return {j: s for j, s in record.items() if j not in exclude and s not in ("pending", "running")}
+    return json.loads(path.read_text())["status"] if path.exists() else {}
 
 
 def run(selected, out: Path, parallel: int, gpus: int = 0, poll_s=5.0, sets=None):
@@ -129,7 +128,7 @@ def run(selected, out: Path, parallel: int, gpus: int = 0, poll_s=5.0, sets=None
     status = {j: "pending" for j in selected}
     # An earlier invocation's finished jobs stay in status.json: `a && b` into one --out must not erase
     # a's "done" that another lane is waiting for (session 35 lost notebook 13's wall-time line that way).
-    earlier = _finished(out, exclude=selected)
+    earlier = {j: s for j, s in _recorded(out).items() if j not in selected and s not in ("pending", "running")}
     running, started, finished = {}, {}, {}
     gpu = {}  # job -> the GPU it was started on (with gpus > 0)
 
@@ -170,7 +169,7 @@ def run(selected, out: Path, parallel: int, gpus: int = 0, poll_s=5.0, sets=None
 def wait(out: Path, timeout_s: float):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        st = json.loads((out / "status.json").read_text())["status"] if (out / "status.json").exists() else {}
+        st = _recorded(out)
         if st and not any(s in ("pending", "running") for s in st.values()):
             break
         time.sleep(5)

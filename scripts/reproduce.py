@@ -115,6 +115,9 @@ JOBS = {
 }
 
 
+UNFINISHED = ("pending", "running")
+
+
 def _recorded(out: Path) -> dict:
     """Job -> status as ``out/status.json`` records it ({} before the first save)."""
     path = out / "status.json"
@@ -128,7 +131,7 @@ def run(selected, out: Path, parallel: int, gpus: int = 0, poll_s=5.0, sets=None
     status = {j: "pending" for j in selected}
     # An earlier invocation's finished jobs stay in status.json: `a && b` into one --out must not erase
     # a's "done" that another lane is waiting for (session 35 lost notebook 13's wall-time line that way).
-    earlier = {j: s for j, s in _recorded(out).items() if j not in selected and s not in ("pending", "running")}
+    earlier = {j: s for j, s in _recorded(out).items() if j not in selected and s not in UNFINISHED}
     running, started, finished = {}, {}, {}
     gpu = {}  # job -> the GPU it was started on (with gpus > 0)
 
@@ -138,7 +141,7 @@ def run(selected, out: Path, parallel: int, gpus: int = 0, poll_s=5.0, sets=None
             j: round(finished.get(j, time.time()) - t0, 1) for j, t0 in started.items()}, "gpu": gpu}, indent=1))
         tmp.replace(out / "status.json")
 
-    while any(s in ("pending", "running") for s in status.values()):
+    while any(s in UNFINISHED for s in status.values()):
         for job, proc in list(running.items()):
             if proc.poll() is not None:
                 status[job] = "done" if proc.returncode == 0 else f"failed ({proc.returncode})"
@@ -170,7 +173,7 @@ def wait(out: Path, timeout_s: float):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         st = _recorded(out)
-        if st and not any(s in ("pending", "running") for s in st.values()):
+        if st and not any(s in UNFINISHED for s in st.values()):
             break
         time.sleep(5)
     print((out / "status.json").read_text() if (out / "status.json").exists() else "no status yet")

@@ -555,3 +555,107 @@ def test_the_teacher_labels_the_mixed_images(mnist, alpha):
         assert nearest.max().item() < 1e-5
     else:
         assert (nearest > 0.1).float().mean().item() > 0.9
+
+
+# ------------------------------------------------------------------------------ attention transfer
+
+def tiny_vgg(seed):
+    torch.manual_seed(seed)
+    return create_model("vgg16", widths=[8] * 13)
+
+
+def cifar_like(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                 torch.randint(0, 10, (n,), generator=g), "random")
+
+
+def test_vgg_forward_with_maps_gives_the_logits_and_the_inputs_of_the_five_pools():
+    model = tiny_vgg(0).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        logits, maps = model.forward_with_maps(x)
+        assert torch.equal(logits, model(x))
+        first = model.features[:6](model.normalize(x))   # conv-BN-ReLU twice, then the first max-pool
+    assert [tuple(m.shape) for m in maps] == [(2, 8, 32, 32), (2, 8, 16, 16), (2, 8, 8, 8), (2, 8, 4, 4), (2, 8, 2, 2)]
+    assert isinstance(model.features[6], nn.MaxPool2d) and torch.equal(maps[0], first)
+
+
+def test_attention_transfer_values():
+    from elastictrain.objectives import attention, attention_transfer
+    s = torch.zeros(1, 2, 8, 8)
+    s[0, :, 0, 0] = 1.0                      # all activation at the top-left position
+    t = torch.zeros(1, 5, 8, 8)
+    t[0, :, 0, 1] = 2.0                      # the teacher's (5 channels) at the next one
+    assert torch.equal(attention(s), F.one_hot(torch.tensor([0]), 64).float())
+    # (1 - 0)² + (0 - 1)² over 64 positions, per map
+    assert attention_transfer([s], [t]).item() == pytest.approx(2 / 64)
+    assert attention_transfer([s, 3 * s], [t, t]).item() == pytest.approx(4 / 64)   # scale-free
+    assert attention_transfer([s], [s]).item() == 0.0
+    with pytest.raises(ValueError, match="spatial"):
+        attention_transfer([s], [torch.zeros(1, 2, 16, 16)])
+    with pytest.raises(ValueError, match="maps"):
+        attention_transfer([s, s], [t])
+
+
+def test_attention_transfer_compares_maps_of_side_8_and_more():
+    from elastictrain.objectives import MIN_SIDE, attention_transfer
+    g = torch.Generator().manual_seed(0)
+    big, small = (torch.rand(2, 3, n, n, generator=g) for n in (MIN_SIDE, MIN_SIDE // 2))
+    other_big, other_small = (torch.rand(2, 3, n, n, generator=g) for n in (MIN_SIDE, MIN_SIDE // 2))
+    only_big = attention_transfer([big], [other_big]).item()
+    assert only_big > 0
+    assert attention_transfer([big, small], [other_big, other_small]).item() == pytest.approx(only_big)
+    assert attention_transfer([small], [other_small]) == 0.0
+
+
+def test_objective_adds_half_beta_times_the_attention_transfer():
+    from elastictrain.objectives import attention_transfer, objective
+    student, teacher = tiny_vgg(0), tiny_vgg(1).eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    out, maps = student.forward_with_maps(x)
+    with torch.no_grad():
+        at = attention_transfer(maps, teacher.forward_with_maps(x)[1]).item()
+    plain = objective(out, None, y, x, teacher, TrainConfig(distill_alpha=0.5)).item()
+    both = objective(out, None, y, x, teacher, TrainConfig(distill_alpha=0.5, attention_beta=1000.0), None, maps).item()
+    assert at > 0 and both - plain == pytest.approx(500.0 * at, rel=1e-5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(attention_beta=-1.0), "attention_beta"),
+    (dict(attention_beta=1000.0), "distill_alpha"),                              # no teacher
+    (dict(attention_beta=1000.0, distill_alpha=0.5, adversarial_beta=0.5), "adversarial_beta"),
+    (dict(attention_beta=1000.0, distill_alpha=0.5, bn_splits=2), "bn_splits"),
+])
+def test_attention_transfer_config_is_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_attention_transfer_refuses_models_without_maps():
+    loader = GpuLoader(cifar_like(8), 8, train=False)
+    cfg = TrainConfig(epochs=1, lr=0.01, distill_alpha=0.5, attention_beta=1000.0)
+    resnet = create_model("resnet56", widths=[4] * 27)
+    with pytest.raises(ValueError, match="student.*forward_with_maps"):
+        fit(resnet, loader, None, cfg, device="cpu", progress=False, teacher=tiny_vgg(1))
+    with pytest.raises(ValueError, match="teacher.*forward_with_maps"):
+        fit(tiny_vgg(0), loader, None, cfg, device="cpu", progress=False, teacher=resnet)
+
+
+def test_fit_trains_on_the_attention_transfer_term():
+    """One step on one batch: the recorded loss differs from plain distillation's by exactly
+    beta/2 times the attention transfer of the untrained student (train-mode BN) and the teacher."""
+    import copy
+    from elastictrain.objectives import attention_transfer
+    loader = GpuLoader(cifar_like(8), 8, train=False)
+    teacher = tiny_vgg(1).eval()
+    x, _ = next(iter(loader))
+    with torch.no_grad():
+        at = attention_transfer(copy.deepcopy(tiny_vgg(0)).train().forward_with_maps(x)[1],
+                                teacher.forward_with_maps(x)[1]).item()
+    losses = {}
+    for beta in (0.0, 1000.0):
+        cfg = TrainConfig(epochs=1, lr=0.01, distill_alpha=0.5, attention_beta=beta)
+        _, hist = fit(tiny_vgg(0), loader, None, cfg, device="cpu", progress=False, teacher=teacher)
+        losses[beta] = hist["train_loss"].iloc[0]
+    assert at > 0 and losses[1000.0] - losses[0.0] == pytest.approx(500.0 * at, rel=1e-4)

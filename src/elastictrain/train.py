@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import attacks, checkpoints, distributed
 from .graphs import TrainingForward
-from .objectives import mixup, objective
+from .objectives import WithMaps, mixup, needs_maps, objective
 from .precision import autocast
 
 
@@ -59,6 +59,12 @@ class TrainConfig:
     # training, in the clean term only (``objective``).
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
+    # Attention transfer with that teacher (Zagoruyko & Komodakis 2017, not in ElasticTrain): + attention_beta/2
+    # · Σ mean((a_s − a_t)²) over the maps entering VGG16's first three max-pools (32², 16², 8²), a = each
+    # image's normalised channel mean of f² (``objectives.attention_transfer``; their β: 1e3). Hints inside
+    # the network for a student too sparse to fit its own training images (1000×: 92.6%), which logit
+    # distillation reaches only through the last layer.
+    attention_beta: float = 0.0
     # Mixup (Zhang et al. 2018, not in ElasticTrain): x <- lam·x + (1 - lam)·x[perm], one lam ~ Beta(mixup,
     # mixup) per batch, the cross-entropy mixed alike. With a teacher, the teacher labels the same mixed
     # image ("function matching", Beyer et al. 2022): a student far smaller than its teacher (1000x) then
@@ -98,6 +104,12 @@ class TrainConfig:
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise ValueError(f"need 0 <= distill_alpha <= 1 and distill_temperature > 0 (got "
                              f"{self.distill_alpha}, {self.distill_temperature})")
+        if self.attention_beta < 0 or (self.attention_beta > 0 and (
+                self.distill_alpha == 0 or self.adversarial_beta < 1 or self.bn_splits > 1)):
+            raise ValueError(f"attention_beta must be >= 0, and attention transfer needs the teacher (distill_alpha > 0) "
+                             f"on clean, unsplit batches (adversarial_beta 1, bn_splits 1); got attention_beta "
+                             f"{self.attention_beta}, distill_alpha {self.distill_alpha}, adversarial_beta "
+                             f"{self.adversarial_beta}, bn_splits {self.bn_splits}")
 
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
         total = self.epochs * steps_per_epoch
@@ -199,6 +211,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                          f"teacher={'a model' if teacher is not None else None}, alpha={config.distill_alpha})")
     if teacher is not None:
         teacher = prepare_model(teacher, device).eval().requires_grad_(False)
+        if config.attention_beta > 0:
+            needs_maps(model, "student")
+            needs_maps(teacher, "teacher")
     parallel = distributed.is_distributed()
     if parallel and config.bn_splits > 1:
         raise ValueError("bn_splits stands in for several GPUs in one process; under torchrun every rank "
@@ -207,7 +222,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     # per epoch instead of compiled (``graphs``); not for PGD's concatenated batch or split batches.
     mode = config.compile if device.type == "cuda" else None
     train_forward = TrainingForward(mode, ddp=parallel, amp=config.amp,
-                                    graph_when_deferred=config.bn_splits == 1 and config.adversarial_beta == 1)
+                                    graph_when_deferred=config.bn_splits == 1 and config.adversarial_beta == 1
+                                    and config.attention_beta == 0)
+    tapped = None  # WithMaps(state.model) under attention transfer, rebuilt only if a callback swaps the model
     # Training-time PGD differentiates its own compiled copy (frozen weights, its own BatchNorm mode: other
     # graphs than the training forward's); every rank attacks its own batch, so no DDP there.
     attack_forward = TrainingForward(mode)
@@ -246,12 +263,18 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                                     steps=config.adv_steps, bn=config.adv_attack_bn,
                                     forward=attack_forward(state.model, eager=state.defer_compile))
             with autocast(device, config.amp):
-                forward = train_forward(state.model, eager=state.defer_compile)
-                if config.adversarial_beta < 1:
-                    out, out_adv = forward(torch.cat([x, x_adv])).chunk(2)
+                maps = None
+                if config.attention_beta > 0:
+                    if tapped is None or tapped.model is not state.model:
+                        tapped = WithMaps(state.model)
+                    (out, maps), out_adv = train_forward(tapped, eager=state.defer_compile)(x), None
                 else:
-                    out, out_adv = _split_forward(forward, state.model, x, config.bn_splits), None
-                loss = objective(out, out_adv, y, x, teacher, config, mix)
+                    forward = train_forward(state.model, eager=state.defer_compile)
+                    if config.adversarial_beta < 1:
+                        out, out_adv = forward(torch.cat([x, x_adv])).chunk(2)
+                    else:
+                        out, out_adv = _split_forward(forward, state.model, x, config.bn_splits), None
+                loss = objective(out, out_adv, y, x, teacher, config, mix, maps)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()

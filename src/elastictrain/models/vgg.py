@@ -38,6 +38,16 @@ class VGG(nn.Module):
         x = self.features(self.normalize(x))
         return self.classifier(x.flatten(1))
 
+    def forward_with_maps(self, x):
+        """The logits and the five activation maps that enter the max-pools (32² to 2²): where
+        attention transfer (``objectives.attention_transfer``) compares a student with its teacher."""
+        maps, x = [], self.normalize(x)
+        for m in self.features:
+            if isinstance(m, nn.MaxPool2d):
+                maps.append(x)
+            x = m(x)
+        return self.classifier(x.flatten(1)), maps
+
 
 def _init_weights(model, init):
     for m in model.modules():

@@ -77,9 +77,9 @@ def attention(f: torch.Tensor) -> torch.Tensor:
 
 
 # The map sides attention transfer's beta was tuned on (Zagoruyko & Komodakis: WRN's groups at 32², 16²
-# and 8²). Its loss is a mean over positions, so on VGG16's 4² and 2² pool inputs one map would weigh 16
-# and 64 times an 8² one: with a random teacher at beta 1e3 those two alone made the loss ~150 (an H100
-# check, session 38). They are left out.
+# and 8²). Its loss is a mean over positions, so on VGG16's 4² and 2² pool inputs one map would weigh 4
+# and 16 times an 8² one (at most beta/2 · 2/side² each: 62 and 250 against 16 at beta 1e3; the five-map
+# loss of a random-init student and teacher was ~157 in an H100 check, session 38). They are left out.
 MIN_SIDE = 8
 
 

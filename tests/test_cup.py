@@ -541,3 +541,40 @@ def test_latency_comparison_against_the_unpruned_architecture():
         latency_ms(p, (1, 28, 28), bf16=True)
     md = to_markdown(pd.DataFrame([{"row": "C1", "FR": 6.4088}])).splitlines()
     assert md == ["| row | FR |", "|---|---|", "| C1 | 6.409 |"]
+
+
+def test_wall_time_line_says_which_gpu_the_dense_run_used(tmp_path, monkeypatch):
+    """CUP-SS's wall time is compared with the dense baseline's run: on the same GPU model, or not."""
+    from elastictrain import baselines, checkpoints
+    from elastictrain.cup import cifar
+    monkeypatch.setenv("ELASTICTRAIN_CHECKPOINTS", str(tmp_path))
+    assert cifar.dense_training_time("vgg16") is None
+    assert cifar.wall_time_line("vgg16") == "no finished dense run in checkpoints/: no wall-time comparison in this execution"
+    here = baselines.environment()["device"]
+    path = tmp_path / baselines.DENSE["vgg16"].checkpoint_name
+    history = [{"epoch": e, "epoch_time_s": t} for e, t in ((1, 2.0), (2, 1.0), (3, 1.5))]
+
+    def line(**device):
+        checkpoints.save_checkpoint(path, create_model("vgg16", widths=[4] * 13), epoch=3,
+                                    extra={"history": history, **device})
+        checkpoints.record_in_manifest(path)
+        return cifar.wall_time_line("vgg16")
+
+    start = f"dense vgg16 (notebook 00): 3 epochs in 4 s (1.50 s/epoch median, compile={baselines.DENSE['vgg16'].train.compile}; "
+    assert line() == start + "its GPU not recorded, maybe another)"      # a checkpoint from before session 38
+    assert cifar.dense_training_time("vgg16") == {"epochs": 3, "train_time_s": 4.5, "s_per_epoch": 1.5, "device": None,
+                                                  "compile": baselines.DENSE["vgg16"].train.compile}
+    assert line(device=here) == start + f"the same GPU model, {here})"
+    assert line(device="NVIDIA H200") == start + f"trained on NVIDIA H200, not this execution's {here})"
+
+
+def test_dense_checkpoint_records_its_device(tmp_path, monkeypatch):
+    from elastictrain import baselines, checkpoints
+    from elastictrain import data as D
+    if not (D.data_root() / "MNIST").is_dir():
+        pytest.skip(f"MNIST not found under {D.data_root()} (set ELASTICTRAIN_DATA)")
+    monkeypatch.setenv("ELASTICTRAIN_CHECKPOINTS", str(tmp_path))
+    cfg = baselines.DENSE["mlp"]
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1, compile=None))
+    r = baselines.train_dense(cfg, smoke=False, device="cpu", progress=False)
+    assert checkpoints.load_checkpoint(r.checkpoint)["extra"]["device"] == baselines.environment()["device"]

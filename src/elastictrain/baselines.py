@@ -165,7 +165,8 @@ def train_dense(cfg: DenseConfig, *, smoke: bool, device=None, checkpoint_dir=No
                          checkpoint_path=run_state, progress=progress)
     accuracy = evaluate(model, test_loader)["top1"]
     sha = checkpoints.save_checkpoint(path, model, epoch=cfg.train.epochs, extra={
-        "test_top1": accuracy, "smoke": smoke, "config": config_record(cfg.train), "history": history.to_dict("records")})
+        "test_top1": accuracy, "smoke": smoke, "config": config_record(cfg.train), "history": history.to_dict("records"),
+        "device": environment()["device"]})  # for wall-time comparisons (cup.cifar.wall_time_line)
     if not smoke:
         checkpoints.record_in_manifest(path, note=cfg.producer)
     run_state.unlink(missing_ok=True)

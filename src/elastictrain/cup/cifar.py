@@ -186,15 +186,31 @@ def run_cup(cfg: CupRow, *, smoke: bool, device=None, progress=True) -> CupResul
 
 
 def dense_training_time(name: str) -> dict | None:
-    """Epochs and training seconds of the dense baseline's finished run in ``checkpoints/``, or
+    """Epochs, training seconds and GPU of the dense baseline's finished run in ``checkpoints/``, or
     None when it is not there (it is never trained just for this comparison)."""
     path = checkpoints.checkpoints_dir() / baselines.DENSE[name].checkpoint_name
     if not path.exists():
         return None
-    h = pd.DataFrame(checkpoints.load_checkpoint(path)["extra"]["history"])
+    extra = checkpoints.load_checkpoint(path)["extra"]
+    h = pd.DataFrame(extra["history"])
     return {"epochs": len(h), "train_time_s": round(float(h["epoch_time_s"].sum()), 1),
             "s_per_epoch": float(h["epoch_time_s"].median()),
-            "compile": baselines.DENSE[name].train.compile}
+            "compile": baselines.DENSE[name].train.compile,
+            "device": extra.get("device")}  # None: a checkpoint written before session 38 recorded it
+
+
+def wall_time_line(name: str) -> str:
+    """The dense baseline's training time, for CUP-SS's wall-time comparison (issue: "on the same GPU"),
+    saying whether it trained on the GPU model this execution runs on."""
+    d = dense_training_time(name)
+    if d is None:
+        return "no finished dense run in checkpoints/: no wall-time comparison in this execution"
+    here = baselines.environment()["device"]
+    where = ("its GPU not recorded, maybe another" if d["device"] is None
+             else f"the same GPU model, {here}" if d["device"] == here
+             else f"trained on {d['device']}, not this execution's {here}")
+    return (f"dense {name} (notebook 00): {d['epochs']} epochs in {d['train_time_s']:.0f} s "
+            f"({d['s_per_epoch']:.2f} s/epoch median, compile={d['compile']}; {where})")
 
 
 def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupResult:

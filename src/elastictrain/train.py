@@ -219,7 +219,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
         raise ValueError("bn_splits stands in for several GPUs in one process; under torchrun every rank "
                          "already normalises its own batch")
     # While a callback changes the architecture each epoch (CUP-SS), the forward is CUDA-graphed
-    # per epoch instead of compiled (``graphs``); not for PGD's concatenated batch or split batches.
+    # per epoch instead of compiled (``graphs``); not for PGD's concatenated batch, split batches or maps.
     mode = config.compile if device.type == "cuda" else None
     train_forward = TrainingForward(mode, ddp=parallel, amp=config.amp,
                                     graph_when_deferred=config.bn_splits == 1 and config.adversarial_beta == 1

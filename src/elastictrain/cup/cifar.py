@@ -200,7 +200,7 @@ def dense_training_time(name: str) -> dict | None:
 
 
 def wall_time_line(name: str) -> str:
-    """The dense baseline's training time, for CUP-SS's wall-time comparison (issue: "on the same GPU"),
+    """The dense baseline's training time, for CUP-SS's wall-time comparison (issue 5 asks for the same GPU),
     saying whether it trained on the GPU model this execution runs on."""
     d = dense_training_time(name)
     if d is None:

@@ -211,8 +211,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                          f"teacher={'a model' if teacher is not None else None}, alpha={config.distill_alpha})")
     if teacher is not None:
         teacher = prepare_model(teacher, device).eval().requires_grad_(False)
-        if config.attention_beta > 0:
-            needs_maps(model, "student")
+        if config.attention_beta > 0:  # the student is checked where its WithMaps is built, before any step
             needs_maps(teacher, "teacher")
     parallel = distributed.is_distributed()
     if parallel and config.bn_splits > 1:

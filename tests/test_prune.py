@@ -886,16 +886,19 @@ def test_rewired_swaps_smallest_kept_for_largest_gradient():
     assert w.detach()[0, 0] == 5.0 and w.detach()[1, 4] == 0.5     # the mask change alone drops a weight
 
 
-@pytest.fixture(scope="module")
-def rewired_run():
+@pytest.fixture(scope="module", params=[1.0, 0.5], ids=["clean", "adversarial"])
+def rewired_run(request):
+    """Rewiring on plain training, and on DNR's hybrid loss (robust row R1 with REWIRE, notebook 16), whose
+    regrowth ranks by the gradient of the clean and the PGD term together."""
     mcb = MaskCallback(PruneSpec(), 0.1, ramp_epochs=3, rewire=0.3)
     cap = Capture(mcb)
-    model, history = run_fit(mcb, cap, cfg=dataclasses.replace(CFG, epochs=4))
-    return mcb, cap, model, history
+    cfg = dataclasses.replace(CFG, epochs=4, adversarial_beta=request.param, adv_steps=2)
+    model, history = run_fit(mcb, cap, cfg=cfg)
+    return mcb, cap, model, history, cfg
 
 
 def test_fit_with_rewiring_keeps_exact_counts_and_revives_weights(rewired_run):
-    mcb, cap, model, history = rewired_run
+    mcb, cap, model, history, _ = rewired_run
     total, nonzero = count_weights(model)
     assert nonzero == round(0.1 * MLP_N)
     assert history["density"].tolist() == [round(density_at(e / 3, 1.0, 0.1) * MLP_N) / MLP_N
@@ -915,8 +918,7 @@ def test_fit_with_rewiring_keeps_exact_counts_and_revives_weights(rewired_run):
 
 
 def test_resume_mid_ramp_rewires_as_the_uninterrupted_run(rewired_run, tmp_path):
-    _, cap_straight, straight, _ = rewired_run
-    cfg = dataclasses.replace(CFG, epochs=4)
+    _, cap_straight, straight, _, cfg = rewired_run
     path = tmp_path / "run.pt"
     with pytest.raises(KeyboardInterrupt):
         run_fit(MaskCallback(PruneSpec(), 0.1, ramp_epochs=3, rewire=0.3), StopAt(1), path=path, cfg=cfg)
@@ -954,7 +956,7 @@ def test_run_row_smoke_writes_outside_the_repo(monkeypatch, tmp_path):
     # them under pytest's tmp_path
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     before = _listing(REPO / "TrainedModels"), _listing(REPO / "checkpoints")
-    recipe = PruneRecipe(row="E1", spec=PruneSpec(), ratio=50, ramp_epochs=40,
+    recipe = PruneRecipe(row="E1", spec=PruneSpec(), ratio=50, ramp_epochs=40, rewire=0.3,
                          train=TrainConfig(epochs=150, lr=0.05, schedule="cosine", warmup=0.0, hold=0.3))
     result = run_row(recipe, smoke=True, device="cpu", progress=False)
     try:
@@ -966,6 +968,7 @@ def test_run_row_smoke_writes_outside_the_repo(monkeypatch, tmp_path):
         assert paper_compression(model) >= 49.9
         assert paper_compression(model) == pytest.approx(result.ratio, rel=1e-12)
         assert model.meta["row"] == "E1" and model.meta["smoke"] is True
+        assert model.meta["rewire"] == 0.3                           # the file says how it was pruned
         assert model.meta["epochs"] == 2 == len(result.history)       # smoke: 2 epochs, 1 of ramp
         assert result.history["density"].tolist() == pytest.approx([1 / 50, 1 / 50], abs=1e-6)
         assert not (path.parent / ".E1.run").exists()                 # the run state is cleaned up

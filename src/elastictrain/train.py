@@ -154,6 +154,9 @@ class TrainState:
     # epoch runs eager: recompiling (CUDA graphs) every epoch would cost more than it saves.
     defer_compile: bool = False
     train_loader: object = None  # what fit iterates (a callback's BN recalibration reads it)
+    # Training PGD's random starts: their own generator, saved with the checkpoint, so a resumed robust
+    # run attacks with the noise the uninterrupted run would have drawn (the global stream is not saved).
+    attack_rng: torch.Generator | None = None
 
     def rebuild_optimizer(self):
         self.optimizer = make_optimizer(self.model, self.config)
@@ -196,7 +199,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     if device.type == "cuda":  # autotuned kernels, unless the caller asked for deterministic ones
         torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
     model = prepare_model(model, device)
-    state = TrainState(model, make_optimizer(model, config), config, device, train_loader=train_loader)
+    state = TrainState(model, make_optimizer(model, config), config, device, train_loader=train_loader,
+                       attack_rng=torch.Generator(device).manual_seed(config.seed)
+                       if config.adversarial_beta < 1 else None)
     if checkpoint_path and Path(checkpoint_path).exists():
         _resume(state, checkpoint_path, callbacks, train_loader)
     else:
@@ -259,7 +264,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                 # Generated before the training forward, which then sees one concatenated batch
                 # (pgd gives the model back in train mode).
                 x_adv = attacks.pgd(state.model, x, y, eps=config.adv_eps, step_size=config.adv_step_size,
-                                    steps=config.adv_steps, bn=config.adv_attack_bn,
+                                    steps=config.adv_steps, bn=config.adv_attack_bn, generator=state.attack_rng,
                                     forward=attack_forward(state.model, eager=state.defer_compile))
             with autocast(device, config.amp):
                 maps = None
@@ -342,7 +347,8 @@ def _save(state, path, callbacks, loader):
     rng = loader.generator.get_state() if hasattr(loader, "generator") else None
     checkpoints.save_checkpoint(path, state.model, epoch=state.epoch, optimizer=state.optimizer, extra={
         "step": state.step, "history": state.history, "config": config_record(state.config),
-        "callbacks": [cb.state_dict() for cb in callbacks], "loader_rng": rng})
+        "callbacks": [cb.state_dict() for cb in callbacks], "loader_rng": rng,
+        "attack_rng": None if state.attack_rng is None else state.attack_rng.get_state()})
 
 
 def _resume(state, path, callbacks, loader):
@@ -359,6 +365,8 @@ def _resume(state, path, callbacks, loader):
         cb.load_state_dict(d)
     if ckpt["extra"].get("loader_rng") is not None and hasattr(loader, "generator"):
         loader.generator.set_state(ckpt["extra"]["loader_rng"])
+    if ckpt["extra"].get("attack_rng") is not None and state.attack_rng is not None:
+        state.attack_rng.set_state(ckpt["extra"]["attack_rng"])
 
 
 def config_record(config: TrainConfig) -> dict:

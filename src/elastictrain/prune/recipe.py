@@ -111,6 +111,7 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
                 train_time_s=round(float(history["epoch_time_s"].sum()), 1),
                 device=baselines.environment()["device"],
                 **({"weight_average": recipe.average} if recipe.average else {}),
+                **({"rewire": recipe.rewire} if recipe.rewire else {}),
                 **({"admm": dataclasses.asdict(recipe.admm)} if recipe.admm else {}), **base)
     run_state.unlink(missing_ok=True)
     return RowResult(model, history, accuracy, total / nonzero, path, base)

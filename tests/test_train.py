@@ -367,6 +367,30 @@ def test_resume_restores_loader_rng_and_before_epoch_metrics(tmp_path):
     assert list(hist["marker"]) == [7.0, 7.0, 7.0]
 
 
+@pytest.mark.parametrize("kw", [dict(mixup=1.0), dict(adversarial_beta=0.5, adv_steps=2)], ids=["mixup", "pgd"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(mnist, tmp_path, kw):
+    """Mixup's draws and training PGD's random starts come from generators saved with the checkpoint (fit
+    reseeds the global stream at its start, so a resumed run cannot rely on it)."""
+    cfg = TrainConfig(epochs=2, lr=0.05, checkpoint_every=1, eval_every=0, **kw)
+
+    class Interrupt(Callback):
+        def before_epoch(self, state):
+            if state.epoch == 1:
+                raise KeyboardInterrupt
+
+    def run(path, *callbacks):
+        train, _ = loaders(mnist, n_train=128, bs=64)
+        return fit(small_mlp(), train, None, cfg, callbacks=list(callbacks), device="cpu", checkpoint_path=path,
+                   progress=False)[0]
+
+    straight = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run.pt", Interrupt())
+    resumed = run(tmp_path / "run.pt")
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
 # ------------------------------------------------------------------------------- distillation
 
 def test_distillation_needs_teacher_and_alpha(mnist):

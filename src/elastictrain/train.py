@@ -154,9 +154,10 @@ class TrainState:
     # epoch runs eager: recompiling (CUDA graphs) every epoch would cost more than it saves.
     defer_compile: bool = False
     train_loader: object = None  # what fit iterates (a callback's BN recalibration reads it)
-    # Training PGD's random starts: their own generator, saved with the checkpoint, so a resumed robust
-    # run attacks with the noise the uninterrupted run would have drawn (the global stream is not saved).
+    # Training PGD's random starts and mixup's draws: generators of their own, saved with the checkpoint,
+    # so a resumed run draws what the uninterrupted one would have (the global stream is not saved).
     attack_rng: torch.Generator | None = None
+    mix_rng: np.random.Generator | None = None
 
     def rebuild_optimizer(self):
         self.optimizer = make_optimizer(self.model, self.config)
@@ -201,7 +202,8 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     model = prepare_model(model, device)
     state = TrainState(model, make_optimizer(model, config), config, device, train_loader=train_loader,
                        attack_rng=torch.Generator(device).manual_seed(config.seed)
-                       if config.adversarial_beta < 1 else None)
+                       if config.adversarial_beta < 1 else None,
+                       mix_rng=np.random.default_rng(config.seed) if config.mixup > 0 else None)
     if checkpoint_path and Path(checkpoint_path).exists():
         _resume(state, checkpoint_path, callbacks, train_loader)
     else:
@@ -235,9 +237,6 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
     bar = tqdm(range(state.epoch, config.epochs), initial=state.epoch, total=config.epochs,
                disable=not progress or not distributed.is_main(), file=sys.stdout, mininterval=5.0, desc="epochs")
     synced = None  # the model whose weights the ranks last made identical
-    # Mixing draws from their own seeded generator: an uninterrupted run is reproducible (a resumed
-    # one draws other mixes than it would have, a difference no figure depends on).
-    mix_rng = np.random.default_rng(config.seed)
     for _ in bar:
         state.metrics = {}
         for cb in callbacks:
@@ -259,7 +258,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                 g["lr"] = lr
             mix = None
             if config.mixup > 0:
-                x, mix = mixup(x, config.mixup, mix_rng)
+                x, mix = mixup(x, config.mixup, state.mix_rng)
             if config.adversarial_beta < 1:
                 # Generated before the training forward, which then sees one concatenated batch
                 # (pgd gives the model back in train mode).
@@ -348,7 +347,8 @@ def _save(state, path, callbacks, loader):
     checkpoints.save_checkpoint(path, state.model, epoch=state.epoch, optimizer=state.optimizer, extra={
         "step": state.step, "history": state.history, "config": config_record(state.config),
         "callbacks": [cb.state_dict() for cb in callbacks], "loader_rng": rng,
-        "attack_rng": None if state.attack_rng is None else state.attack_rng.get_state()})
+        "attack_rng": None if state.attack_rng is None else state.attack_rng.get_state(),
+        "mix_rng": None if state.mix_rng is None else state.mix_rng.bit_generator.state})
 
 
 def _resume(state, path, callbacks, loader):
@@ -367,6 +367,8 @@ def _resume(state, path, callbacks, loader):
         loader.generator.set_state(ckpt["extra"]["loader_rng"])
     if ckpt["extra"].get("attack_rng") is not None and state.attack_rng is not None:
         state.attack_rng.set_state(ckpt["extra"]["attack_rng"])
+    if ckpt["extra"].get("mix_rng") is not None and state.mix_rng is not None:
+        state.mix_rng.bit_generator.state = ckpt["extra"]["mix_rng"]
 
 
 def config_record(config: TrainConfig) -> dict:

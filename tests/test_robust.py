@@ -212,7 +212,7 @@ def test_hybrid_loss_is_beta_clean_plus_one_minus_beta_adversarial(monkeypatch):
                   progress=False)
     assert spy.calls == 1
     state, x, y, adv, kw = spy.first
-    generator = kw.pop("generator")   # random starts of their own, resumable (the resume test is in test_prune)
+    generator = kw.pop("generator")   # random starts of their own, saved with the run (resume: test_train)
     assert isinstance(generator, torch.Generator) and generator.initial_seed() == cfg.seed
     assert kw == dict(eps=0.1, step_size=0.04, steps=3, bn="eval", forward=spy.model)  # CPU: never compiled
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and (adv != x).float().mean() > 0.5

@@ -934,6 +934,17 @@ def test_resume_mid_ramp_rewires_as_the_uninterrupted_run(rewired_run, tmp_path)
 
 # ================================================================================ run_row smoke
 
+def test_a_recipe_takes_a_dense_key_or_a_row_id_as_teacher():
+    from elastictrain.prune.recipe import PruneRecipe
+
+    distil = TrainConfig(distill_alpha=0.9)
+    for teacher in ("vgg16", "E1"):
+        assert PruneRecipe(row="E2b", spec=PruneSpec(), ratio=1000, ramp_epochs=1, train=distil,
+                           teacher=teacher).teacher == teacher
+    with pytest.raises(ValueError, match="dense model.*or a shipped row id"):
+        PruneRecipe(row="E2b", spec=PruneSpec(), ratio=1000, ramp_epochs=1, train=distil, teacher="E99")
+
+
 def _listing(folder: Path):
     if not folder.is_dir():
         return None
@@ -956,8 +967,10 @@ def test_run_row_smoke_writes_outside_the_repo(monkeypatch, tmp_path):
     # them under pytest's tmp_path
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     before = _listing(REPO / "TrainedModels"), _listing(REPO / "checkpoints")
-    recipe = PruneRecipe(row="E1", spec=PruneSpec(), ratio=50, ramp_epochs=40, rewire=0.3,
-                         train=TrainConfig(epochs=150, lr=0.05, schedule="cosine", warmup=0.0, hold=0.3))
+    # Distilled from a shipped row ("teacher assistant"), which smoke mode loads from the committed file.
+    recipe = PruneRecipe(row="E1", spec=PruneSpec(), ratio=50, ramp_epochs=40, rewire=0.3, teacher="E4",
+                         train=TrainConfig(epochs=150, lr=0.05, schedule="cosine", warmup=0.0, hold=0.3,
+                                           distill_alpha=0.9))
     result = run_row(recipe, smoke=True, device="cpu", progress=False)
     try:
         path = Path(result.path).resolve()
@@ -969,6 +982,8 @@ def test_run_row_smoke_writes_outside_the_repo(monkeypatch, tmp_path):
         assert paper_compression(model) == pytest.approx(result.ratio, rel=1e-12)
         assert model.meta["row"] == "E1" and model.meta["smoke"] is True
         assert model.meta["rewire"] == 0.3                           # the file says how it was pruned
+        teacher = load_compressed(REPO / "TrainedModels" / "E4.etm")
+        assert (model.meta["teacher"], model.meta["teacher_accuracy"]) == ("E4", teacher.meta["accuracy"])
         assert model.meta["epochs"] == 2 == len(result.history)       # smoke: 2 epochs, 1 of ramp
         assert result.history["density"].tolist() == pytest.approx([1 / 50, 1 / 50], abs=1e-6)
         assert not (path.parent / ".E1.run").exists()                 # the run state is cleaned up

@@ -16,7 +16,9 @@ import torch
 
 from . import checkpoints
 from .data import make_loaders
+from .evaluation import load_shipped
 from .models import create_model
+from .rows import ROWS
 from .train import TrainConfig, config_record, default_device, evaluate, fit
 
 
@@ -82,20 +84,29 @@ DENSE = {
 
 
 def check_teacher(teacher: str | None, train: TrainConfig):
-    """A row recipe distils from ``teacher`` (a DENSE key) exactly when its config weighs distillation."""
+    """A row recipe distils from ``teacher`` exactly when its config weighs distillation. ``teacher`` is a
+    DENSE key (the dense model, trained first when its checkpoint is missing) or a row id whose file is
+    shipped in ``TrainedModels/`` (a "teacher assistant", Mirzadeh et al., AAAI 2020: e.g. the 50× E1 between
+    the dense VGG16 and a 1000× student)."""
     if (teacher is None) != (train.distill_alpha == 0):
         raise ValueError("a teacher needs train.distill_alpha > 0 and distill_alpha needs a teacher "
                          f"(got teacher={teacher!r}, distill_alpha={train.distill_alpha})")
-    if teacher is not None and teacher not in DENSE:
-        raise ValueError(f"teacher must be one of {sorted(DENSE)}, not {teacher!r}")
+    if teacher is not None and teacher not in DENSE and teacher not in ROWS:
+        raise ValueError(f"teacher must be one of {sorted(DENSE)} (a dense model) or a shipped row id "
+                         f"(one of {sorted(ROWS)}), not {teacher!r}")
 
 
 def teacher_model(teacher: str | None, *, smoke: bool, device) -> tuple:
-    """``(model, accuracy)`` of the dense teacher (its finished checkpoint when present), or ``(None, None)``."""
+    """``(model, accuracy)`` of the teacher, or ``(None, None)``: the dense model (its finished checkpoint
+    when present), or a shipped row's file with the accuracy it records (also in smoke mode: the file is
+    committed, and loading it is what a smoke run should check)."""
     if teacher is None:
         return None, None
-    dense = train_dense(DENSE[teacher], smoke=smoke, device=device, progress=False)
-    return dense.model, round(dense.accuracy, 2)
+    if teacher in DENSE:
+        dense = train_dense(DENSE[teacher], smoke=smoke, device=device, progress=False)
+        return dense.model, round(dense.accuracy, 2)
+    model, record = load_shipped(teacher)
+    return model.to(device), record["base_accuracy"]
 
 
 def environment() -> dict:

@@ -92,7 +92,7 @@ class CupSSRow:
     offset: int = 1
     wd_after_stop: float | None = None   # see CupSS; None keeps the paper's 1e-4 throughout
     multiple: int = 1           # every pass rounds widths up to multiples of it (CupSS); 1: CUP-SS
-    teacher: str | None = None  # a baselines.DENSE key to distil from (train.distill_alpha > 0); not in CUP
+    teacher: str | None = None  # a baselines.DENSE key or a shipped row id to distil from (check_teacher); not in CUP
     smoke_train_images: int = 256
     smoke_test_images: int = 200
 

@@ -34,7 +34,7 @@ class PruneRecipe:
     ramp_epochs: int                # density falls from the start model's to 1/ratio over these
     train: TrainConfig              # epochs = ramp + fine-tuning
     base: str = "vgg16"             # a baselines.DENSE key, a row id to continue from, or "init:<model>"
-    teacher: str | None = None      # a baselines.DENSE key to distil from (train.distill_alpha > 0)
+    teacher: str | None = None      # a baselines.DENSE key or a shipped row id to distil from (check_teacher)
     batch_size: int = 512
     pattern_size: int = 8
     rewire: float = 0.0             # RigL/DNR swap fraction at the first ramp update (MaskCallback)
@@ -98,7 +98,7 @@ def run_row(recipe: PruneRecipe, *, smoke: bool, device=None, progress=True) -> 
     # A model of its own: the start model may be this very dense network, which training changes.
     teacher, teacher_accuracy = baselines.teacher_model(recipe.teacher, smoke=smoke, device=device)
     if teacher is not None:
-        base["teacher_accuracy"] = teacher_accuracy
+        base.update(teacher=recipe.teacher, teacher_accuracy=teacher_accuracy)
     # After the masks, so that it averages the masked weights; the final model is that average.
     callbacks = [masks] + ([WeightAverage(recipe.average, recipe.ramp_epochs)] if recipe.average else [])
     model, history = fit(model, train_loader, test_loader, recipe.train, callbacks=callbacks, device=device,

@@ -31,7 +31,7 @@ class QuantRecipe:
     base: str                       # the row whose shipped file is quantized (its mask is kept)
     spec: QuantSpec
     train: TrainConfig              # quantization-aware fine-tuning of the centroids (and BN)
-    teacher: str | None = None      # a baselines.DENSE key to distil from (train.distill_alpha > 0)
+    teacher: str | None = None      # a baselines.DENSE key or a shipped row id to distil from (check_teacher)
     batch_size: int = 512
     recal_batches: int = 50         # BN statistics re-estimated over this many training batches
     # quantize_'s grad: "sum" (Deep Compression's true gradient) or "mean" (the projected SGD step).
@@ -90,7 +90,7 @@ def run_quant_row(recipe: QuantRecipe, *, smoke: bool, device=None, progress=Tru
     # a parametrized model.
     teacher, teacher_accuracy = baselines.teacher_model(recipe.teacher, smoke=smoke, device=device)
     if teacher is not None:
-        base["teacher_accuracy"] = teacher_accuracy
+        base.update(teacher=recipe.teacher, teacher_accuracy=teacher_accuracy)
     model, history = fit(model, train_loader, test_loader, recipe.train, device=device, progress=progress,
                          teacher=teacher)
     bake_(model)

@@ -8,8 +8,9 @@ the dense VGG16 inside the clean term, objectives.objective), --average DECAY (a
 ramp's end on, elastictrain.averaging), --pgd-step (the training attack's step; spec §5.9 allows 2/255)
 --bn-stats clean (BatchNorm statistics from the clean half of each batch, attacks.use_clean_statistics),
 --attack-bn batch (the training attack normalises with its batch's own statistics, spec §5.9's option),
---allocation (the layer budgets: LAMP, ERK or uniform, prune.masks) and --rewire R (R1 only: DNR/RigL
-rewiring during the ramp, the fraction of survivors swapped at its first update, prune.schedule).
+--allocation (the layer budgets: LAMP, ERK or uniform, prune.masks) and --rewire R (DNR/RigL rewiring
+during the ramp, the fraction of survivors swapped at its first update: weights for R1, kernels for R2,
+prune.schedule).
 It writes TrainedModels/<row>.etm and checkpoints/.<row>.run, so run each variant in its own copy of the
 repository. On one H100 a run takes ~70 s alone, ~260 s with four side by side. Results and the machine
 they ran on: benchmarks/results/robust_variants.md.

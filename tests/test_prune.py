@@ -857,8 +857,9 @@ def test_rewire_fraction_follows_a_cosine_to_zero():
 
 
 @pytest.mark.parametrize("spec, rewire, message", [
-    (PruneSpec("kernel"), 0.3, "needs unstructured masks"),
-    (PruneSpec(balanced=WORKLOAD), 0.3, "needs unstructured masks"),
+    (PruneSpec("pattern"), 0.3, "needs unstructured or kernel masks"),
+    (PruneSpec("kernel", balanced=WORKLOAD), 0.3, "needs unstructured or kernel masks"),
+    (PruneSpec(balanced=WORKLOAD), 0.3, "needs unstructured or kernel masks"),
     (PruneSpec(), 1.0, r"in \[0, 1\)"),
     (PruneSpec(), -0.1, r"in \[0, 1\)"),
 ])
@@ -884,6 +885,61 @@ def test_rewired_swaps_smallest_kept_for_largest_gradient():
     assert (w.detach()[grown] == 0).all() and (opt.state[w]["momentum_buffer"][grown] == 0).all()
     assert (opt.state[w]["momentum_buffer"][~grown] == 7.0).all()
     assert w.detach()[0, 0] == 5.0 and w.detach()[1, 4] == 0.5     # the mask change alone drops a weight
+
+
+def test_rewired_kernels_swap_whole_kernels_and_linear_layers_single_weights():
+    """Kernel masks (robust row R2 with REWIRE) swap k×k kernels, ranked as make_masks ranks them (mean
+    square, not the largest entry) and regrown by their mean |gradient|; a linear layer swaps weights."""
+    w = torch.zeros(2, 4, 2, 2)
+    for (f, c), v in {(0, 0): 5.0, (0, 2): 1.0, (1, 1): 1.6, (1, 2): 0.5}.items():
+        w[f, c] = v
+    w[0, 2, 0, 0] = 2.5                          # kernel (0, 2): largest entry 2.5, mean square 2.31 < 2.56
+    w.requires_grad_()
+    fc = torch.tensor([[4.0, 0.0, 1.0, 0.0]]).requires_grad_()
+    keep = {"conv": w.detach() != 0, "fc": fc.detach() != 0}       # 4 of 8 kernels, 2 of 4 weights
+    opt = torch.optim.SGD([w, fc], lr=0.1, momentum=0.9)
+    opt.state[w]["momentum_buffer"] = torch.full_like(w, 7.0)
+    mcb = MaskCallback(PruneSpec("kernel"), 0.1, 4, rewire=0.3)
+    g = torch.zeros(2, 4, 2, 2)
+    g[0, 1], g[1, 0], g[0, 3] = 2.0, 2.5, 1.0
+    g[0, 1, 0, 0] = -6.0                         # mean |g|: (0, 1) 3.0, (1, 0) 2.5, (1, 3) 1.475, (0, 3) 1.0
+    g[1, 3, 0, 0] = 5.9                          # (1, 3)'s largest entry is not what counts
+    mcb.grad = {"conv": g, "fc": torch.tensor([[0.0, 9.0, 0.0, 8.0]])}
+    out = mcb._rewired(keep, {"conv": w, "fc": fc}, 0.5, opt)      # int(0.5 * 4) = 2 kernels, 1 weight
+    kernels = out["conv"].flatten(2)
+    assert (kernels.all(2) == kernels.any(2)).all()                # whole kernels only
+    # out: (1, 2) (mean square 0.25) and (0, 2) (2.31); in: (0, 1) and (1, 0)
+    assert kernels.any(2).tolist() == [[True, True, False, False], [True, True, False, False]]
+    assert out["fc"].tolist() == [[True, True, False, False]]       # 1 out, the largest gradient in
+    grown = out["conv"] & ~keep["conv"]
+    assert int(grown.sum()) == 8 and (w.detach()[grown] == 0).all()
+    assert (opt.state[w]["momentum_buffer"][grown] == 0).all() and (opt.state[w]["momentum_buffer"][~grown] == 7.0).all()
+
+
+def test_fit_with_kernel_rewiring_keeps_whole_kernels_and_revives_some():
+    torch.manual_seed(0)
+    model = create_model("vgg16", widths=[16] * 13)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (128,), generator=g), "tiny-cifar")
+    mcb = MaskCallback(PruneSpec("kernel"), 0.2, ramp_epochs=3, rewire=0.3)
+    cap = Capture(mcb)
+    model, history = fit(model, GpuLoader(split, 32, train=True, seed=1), None,
+                         TrainConfig(epochs=4, lr=0.05, eval_every=0), callbacks=[mcb, cap], device="cpu",
+                         progress=False)
+    revived = 0
+    for before, after in zip(cap.epochs, cap.epochs[1:]):
+        for n, (w, m, buf) in after.items():
+            if m.dim() == 4:
+                k = m.flatten(2)
+                assert (k.all(2) == k.any(2)).all(), n
+                revived += int((~before[n][1].flatten(2).any(2) & k.any(2)).sum())
+            assert (w[m == 0] == 0).all() and (buf[m == 0] == 0).all(), n
+    assert revived > 0
+    counts = [sum(int(m.sum()) for _, m, _ in snap.values()) for snap in cap.epochs]
+    assert counts[-1] == counts[-2] and mcb.grad is None              # frozen and freed after the ramp
+    total = sum(m.numel() for _, m, _ in cap.epochs[-1].values())
+    assert counts[-1] <= round(0.2 * total) and history["density"].iloc[-1] == pytest.approx(0.2, abs=0.01)
 
 
 @pytest.fixture(scope="module", params=[1.0, 0.5], ids=["clean", "adversarial"])

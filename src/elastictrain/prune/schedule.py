@@ -7,11 +7,14 @@ Zhu & Gupta's cubic-in-density would remove ~90% of the survivors in the last fi
 ramp; the log form spreads the removals evenly. Masks are monotone: a pruned weight is zero, scores
 zero, and is never chosen again while the density falls.
 
-Optional rewiring (spec §5.8b, RigL/DNR), for unstructured masks during the ramp: after each mask
-update a fraction r of every layer's survivors (r from ``rewire`` down to 0 by a cosine over the ramp)
-is swapped: the smallest |w| leave, and as many pruned weights with the largest |gradient| (an
-exponential average over the previous epoch's steps, DNR's momentum) come back at zero. Layer counts
-are unchanged; masks are then no longer monotone.
+Optional rewiring (spec §5.8b, RigL/DNR), for unstructured or kernel masks during the ramp: after each
+mask update a fraction r of every layer's survivors (r from ``rewire`` down to 0 by a cosine over the
+ramp) is swapped: the smallest items leave, and as many pruned items with the largest |gradient| (an
+exponential average over the previous epoch's steps, DNR's momentum) come back at zero. An item is a
+weight, or for kernel masks a whole k×k kernel of a conv (scored as ``make_masks`` scores it, by its
+mean square, and regrown by its mean |gradient|; linear layers stay per weight, as there). DNR rewires
+its structured (channel) masks the same way. Layer counts are unchanged; masks are then no longer
+monotone.
 
 Optional BN recalibration after each ramp update (spec §5.8: ``recalibrate_batches`` training batches in
 train mode, no gradient). It matters where a model is evaluated right after a mask change; here masks
@@ -57,10 +60,10 @@ class MaskCallback(Callback):
         if not 0 <= rewire < 1:
             raise ValueError(f"rewire is the fraction of survivors swapped at the first mask update, in [0, 1); "
                              f"got {rewire}")
-        if rewire and (spec.granularity != "unstructured" or spec.balanced is not None):
-            raise ValueError("rewiring swaps single weights: it needs unstructured masks without a balance "
-                             f"constraint (got granularity {spec.granularity!r}, balanced={spec.balanced}); "
-                             "use rewire=0 for this spec")
+        if rewire and (spec.granularity == "pattern" or spec.balanced is not None):
+            raise ValueError("rewiring swaps single weights or whole kernels: it needs unstructured or kernel "
+                             f"masks without a balance constraint (got granularity {spec.granularity!r}, "
+                             f"balanced={spec.balanced}); use rewire=0 for this spec")
         self.spec, self.target, self.ramp = spec, target_density, max(1, ramp_epochs)
         if recalibrate_batches < 0:
             raise ValueError(f"recalibrate_batches must be >= 0, got {recalibrate_batches}")
@@ -114,21 +117,28 @@ class MaskCallback(Callback):
     @torch.no_grad()
     def _rewired(self, masks: dict, weights: dict, fraction: float, optimizer) -> dict:
         out = {}
-        for n, keep in masks.items():
+        for n, mask in masks.items():
+            w = weights[n]
+            kernels = self.spec.granularity == "kernel" and w.dim() == 4
+            per_item = (lambda t: t.flatten(2).mean(2)) if kernels else (lambda t: t)
+            keep = mask.flatten(2).any(2) if kernels else mask
             free = ~keep
             swap = min(int(fraction * int(keep.sum())), int(free.sum()))
             if swap == 0:
-                out[n] = keep
+                out[n] = mask
                 continue
-            magnitude = weights[n].detach().abs().float().masked_fill(free, float("inf"))
-            # Grown among the weights pruned before this update, so none just dropped comes straight back.
-            growth = self.grad[n].to(keep.device).abs().masked_fill(keep, -1.0)
+            magnitude = per_item(w.detach().float() ** 2).masked_fill(free, float("inf"))
+            # Grown among the items pruned before this update, so none just dropped comes straight back.
+            growth = per_item(self.grad[n].to(w.device).abs()).masked_fill(keep, -1.0)
             drop, grow = topk_mask(-magnitude, swap), topk_mask(growth, swap)
-            weights[n].masked_fill_(grow, 0)      # regrown weights start at zero (spec §5.8b)
-            buf = (optimizer.state.get(weights[n]) or {}).get("momentum_buffer")
+            new = (keep & ~drop) | grow
+            if kernels:
+                new, grow = (m[:, :, None, None].expand_as(w).clone() for m in (new, grow))
+            w.masked_fill_(grow, 0)               # regrown weights start at zero (spec §5.8b)
+            buf = (optimizer.state.get(w) or {}).get("momentum_buffer")
             if buf is not None:
                 buf.masked_fill_(grow, 0)
-            out[n] = (keep & ~drop) | grow
+            out[n] = new
         return out
 
     @torch.no_grad()

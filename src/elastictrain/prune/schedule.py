@@ -12,9 +12,9 @@ mask update a fraction r of every layer's survivors (r from ``rewire`` down to 0
 ramp) is swapped: the smallest items leave, and as many pruned items with the largest |gradient| (an
 exponential average over the previous epoch's steps, DNR's momentum) come back at zero. An item is a
 weight, or for kernel masks a whole k×k kernel of a conv (scored as ``make_masks`` scores it, by its
-mean square, and regrown by its mean |gradient|; linear layers stay per weight, as there). DNR rewires
-its structured (channel) masks the same way. Layer counts are unchanged; masks are then no longer
-monotone.
+mean square, and regrown by its mean |gradient|; linear layers stay per weight, as there): DNR's
+rewiring serves structured (channel) masks too, and kernels are the structured unit here. Layer counts
+are unchanged; masks are then no longer monotone.
 
 Optional BN recalibration after each ramp update (spec §5.8: ``recalibrate_batches`` training batches in
 train mode, no gradient). It matters where a model is evaluated right after a mask change; here masks

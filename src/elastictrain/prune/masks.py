@@ -125,6 +125,16 @@ def allocate(scores: dict, costs: dict, budget: int, spec: PruneSpec, linear=fro
     return dict(zip(names, counts))
 
 
+def per_kernel(t: torch.Tensor) -> torch.Tensor:
+    """[F, C, kh, kw] -> [F, C], the mean over each kernel: how a kernel item is scored (of w², of |g|)."""
+    return t.flatten(2).mean(2)
+
+
+def whole_kernels(keep: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A [F, C] bool over kernels as a mask shaped like the conv weight ``w``."""
+    return keep[:, :, None, None].expand_as(w).clone()
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries (ties broken by position, so exactly k)."""
     flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
@@ -202,7 +212,7 @@ def make_masks(weights: dict, density: float, spec: PruneSpec, library: torch.Te
         if spec.granularity == "unstructured" or w.dim() != 4:
             scores[n], costs[n] = e, 1                                 # linear layers stay per weight
         elif spec.granularity == "kernel":
-            scores[n], costs[n] = e.flatten(2).mean(2), w.shape[2] * w.shape[3]
+            scores[n], costs[n] = per_kernel(e), w.shape[2] * w.shape[3]
         else:
             if w.shape[2:] != (3, 3):
                 raise ValueError(f"{n}: pattern pruning needs 3×3 kernels, got {tuple(w.shape)}")
@@ -226,7 +236,7 @@ def make_masks(weights: dict, density: float, spec: PruneSpec, library: torch.Te
         if s.dim() == w.dim():
             masks[n] = keep
         elif spec.granularity == "kernel":
-            masks[n] = keep[:, :, None, None].expand_as(w).clone()
+            masks[n] = whole_kernels(keep, w)
         else:
             choice = (w.detach().float() ** 2).flatten(2) @ library.T.to(w.device, torch.float32)
             shape = library.to(w.device)[choice.argmax(2)]             # [F, C, 9] best pattern

@@ -27,7 +27,7 @@ import torch
 
 from ..models.common import prunable_weights
 from ..train import Callback, recalibrate_bn
-from .masks import PruneSpec, make_masks, pattern_library, topk_mask
+from .masks import PruneSpec, make_masks, pattern_library, per_kernel, topk_mask, whole_kernels
 
 
 def _plain_stack(model) -> bool:
@@ -120,7 +120,7 @@ class MaskCallback(Callback):
         for n, mask in masks.items():
             w = weights[n]
             kernels = self.spec.granularity == "kernel" and w.dim() == 4
-            per_item = (lambda t: t.flatten(2).mean(2)) if kernels else (lambda t: t)
+            per_item = per_kernel if kernels else (lambda t: t)
             keep = mask.flatten(2).any(2) if kernels else mask
             free = ~keep
             swap = min(int(fraction * int(keep.sum())), int(free.sum()))
@@ -133,7 +133,7 @@ class MaskCallback(Callback):
             drop, grow = topk_mask(-magnitude, swap), topk_mask(growth, swap)
             new = (keep & ~drop) | grow
             if kernels:
-                new, grow = (m[:, :, None, None].expand_as(w).clone() for m in (new, grow))
+                new, grow = whole_kernels(new, w), whole_kernels(grow, w)
             w.masked_fill_(grow, 0)               # regrown weights start at zero (spec §5.8b)
             buf = (optimizer.state.get(w) or {}).get("momentum_buffer")
             if buf is not None:

@@ -275,10 +275,12 @@ def test_storage_refuses_unquantized_or_parametrized_models(tmp_path):
 
 # ------------------------------------------------------------------------- the row recipe (smoke)
 
-def test_quant_row_smoke_ships_exactly_the_measured_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("latent_epochs", [0, 3])
+def test_quant_row_smoke_ships_exactly_the_measured_model(tmp_path, monkeypatch, latent_epochs):
     """run_quant_row end to end on a small sparse VGG16 standing in for row 03's file: the shipped
     file keeps the start mask, holds <= 4 values per 16x4 block, records the paper-style ratio and
-    loads back bit for bit (the recipe itself checks that last point and raises otherwise)."""
+    loads back bit for bit (the recipe itself checks that last point and raises otherwise); with
+    mode B first (``latent_epochs``), smoke mode runs one epoch in each mode."""
     from elastictrain import data
     from elastictrain.quant import recipe as qr
     from elastictrain.train import TrainConfig
@@ -292,7 +294,7 @@ def test_quant_row_smoke_ships_exactly_the_measured_model(tmp_path, monkeypatch)
     monkeypatch.setattr(evaluation, "trained_models_dir", lambda: tmp_path)  # where load_shipped looks
     spec = QuantSpec(2, WORKLOAD)
     r = qr.run_quant_row(qr.QuantRecipe(row="E6", base="S", spec=spec, train=TrainConfig(epochs=3, lr=0.01),
-                                        smoke_train_images=128, smoke_test_images=100),
+                                        latent_epochs=latent_epochs, smoke_train_images=128, smoke_test_images=100),
                          smoke=True, device="cpu", progress=False)
     assert len(r.history) == 2 and r.path.parent != tmp_path and r.base["base_accuracy"] == 50.0
     shipped = load_compressed(r.path)
@@ -305,5 +307,8 @@ def test_quant_row_smoke_ships_exactly_the_measured_model(tmp_path, monkeypatch)
     nonzero = sum(int((w != 0).sum()) for w in prunable_weights(start).values())
     assert shipped.meta["ratio"] == pytest.approx(total / nonzero * 16) and shipped.meta["bits"] == 2
     assert shipped.meta["test_images"] == 100 and shipped.meta["smoke"] is True
+    assert shipped.meta["latent_epochs"] == min(latent_epochs, 1)
     with pytest.raises(ValueError, match="teacher"):
         qr.QuantRecipe(row="E6", base="S", spec=spec, train=TrainConfig(distill_alpha=0.5))
+    with pytest.raises(ValueError, match="latent_epochs"):
+        qr.QuantRecipe(row="E6", base="S", spec=spec, train=TrainConfig(epochs=3), latent_epochs=4)

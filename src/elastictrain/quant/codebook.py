@@ -1,4 +1,5 @@
-"""Multi-codebook weight sharing with trained centroids (Deep Compression's mode A, spec §5.10).
+"""Multi-codebook weight sharing with trained centroids (Deep Compression's mode A, spec §5.10;
+mode B, latent weights that may change centroid, is ``latent``).
 
 A b-bit codebook holds 2^b **non-zero** values: zeros come from the sparsity mask, as ModelEval
 checks ``unique(w[w != 0]) <= 2^b``. Codebook groups follow a ``Structure``: one per layer
@@ -74,6 +75,26 @@ class SharedWeight(nn.Module):
         return codebook  # the parametrized module's original *is* the codebook
 
 
+def conv_and_linear(model: nn.Module) -> dict:
+    """The modules owning each prunable weight, by weight name."""
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def check_grad(grad: str):
+    if grad not in ("sum", "mean"):
+        raise ValueError(f"grad must be 'sum' or 'mean', not {grad!r}")
+
+
+def share_(mod: nn.Module, codebook: torch.Tensor, positions: torch.Tensor, codes: torch.Tensor, grad: str):
+    """Re-parametrize ``mod.weight`` (on the codebook's device) as ``codebook.flatten()[codes]`` at
+    ``positions``, the codebook its trainable parameter."""
+    shared = SharedWeight(mod.weight.shape, positions, codes, codebook.numel())
+    parametrize.register_parametrization(mod, "weight", shared, unsafe=True)
+    mod.parametrizations.weight.original = nn.Parameter(codebook)
+    if grad == "mean":
+        mod.parametrizations.weight.original.register_hook(lambda g, s=shared: g / s.members.view_as(g))
+
+
 def quantize_(model: nn.Module, spec: QuantSpec, seed: int = 0, grad: str = "sum") -> dict:
     """Share weights in place; returns the initial codebooks by weight name.
 
@@ -82,29 +103,24 @@ def quantize_(model: nn.Module, spec: QuantSpec, seed: int = 0, grad: str = "sum
     weights would take once projected onto "all members equal": a centroid of a 1000-member cluster
     then moves as far as one weight would, instead of 1000 times as far at the same learning rate.
     """
-    if grad not in ("sum", "mean"):
-        raise ValueError(f"grad must be 'sum' or 'mean', not {grad!r}")
+    check_grad(grad)
     books = {}
-    modules = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    modules = conv_and_linear(model)
     for name, w in prunable_weights(model).items():
         codebook, pos, codes = build_codebook(w, spec, seed)
-        mod = modules[name]
         device = w.device
-        shared = SharedWeight(w.shape, pos.to(device), codes.to(device), codebook.numel())
-        parametrize.register_parametrization(mod, "weight", shared, unsafe=True)
-        mod.parametrizations.weight.original = nn.Parameter(codebook.to(device))
-        if grad == "mean":
-            mod.parametrizations.weight.original.register_hook(
-                lambda g, s=shared: g / s.members.view_as(g))
+        share_(modules[name], codebook.to(device), pos.to(device), codes.to(device), grad)
         books[name] = codebook
     model.quant_spec = spec
     return books
 
 
 def codebooks(model: nn.Module) -> dict:
-    """The current (trained) codebooks of a quantized model, by weight name."""
-    return {f"{n}.weight": m.parametrizations.weight.original.detach().cpu()
-            for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")}
+    """The current (trained) codebooks of a quantized model, by weight name: mode A's parameter, or
+    the buffer that mode B's latent weights snap to (``latent.SnappedWeight``)."""
+    return {f"{n}.weight": getattr(p[0], "codebook", p.original).detach().cpu()
+            for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")
+            for p in [m.parametrizations.weight]}
 
 
 def bake_(model: nn.Module) -> nn.Module:

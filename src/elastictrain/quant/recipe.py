@@ -1,6 +1,7 @@
 """One quantized ElasticTrain row end to end: a shipped sparse row's file → multi-codebook weight
-sharing (mask frozen, centroids trained) → BN recalibration → fp16 snapping and BN folding →
-final float32 accuracy on the full test set → ``TrainedModels/<row>.etm`` with packed codes.
+sharing (mask frozen; optionally latent weights first, ``latent``; then centroids trained) → BN
+recalibration → fp16 snapping and BN folding → final float32 accuracy on the full test set →
+``TrainedModels/<row>.etm`` with packed codes.
 
 The accuracy is measured on the exact model that is written (after every rounding), and the
 written file is read back and compared tensor by tensor before the function returns.
@@ -23,6 +24,7 @@ from ..storage import load_compressed
 from ..train import TrainConfig, default_device, evaluate, fit, recalibrate_bn
 from .codebook import QuantSpec, bake_, quantize_, unique_per_group
 from .compact import fold_bn_, snap_fp16_
+from .latent import LatentPhase, snap_
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,10 @@ class QuantRecipe:
     # With sum, lr 0.01 diverged within 8 smoke steps on the 50x model (clusters of ~1300 weights:
     # train accuracy 95% -> 13%) while mean kept it at 93.5%; at 1000x clusters are ~65 weights.
     centroid_grad: str = "mean"
+    # The first epochs of ``train`` in the spec's mode B (``latent``: latent weights, straight-through,
+    # codebooks re-clustered before each epoch), the rest in mode A with the assignments they reach.
+    # 0: mode A throughout.
+    latent_epochs: int = 0
     fp16: bool = True               # snap shared values and folded BN scale/shift to fp16
     seed: int = 0                   # k-means restarts (only groups too large for the exact DP use them)
     smoke_train_images: int = 256
@@ -45,10 +51,14 @@ class QuantRecipe:
 
     def __post_init__(self):
         baselines.check_teacher(self.teacher, self.train)
+        if not 0 <= self.latent_epochs <= self.train.epochs:
+            raise ValueError(f"latent_epochs (mode B) must be from 0 to the {self.train.epochs} training epochs, "
+                             f"got {self.latent_epochs}")
 
     def smoke(self) -> "QuantRecipe":
-        return dataclasses.replace(self, batch_size=64, recal_batches=2, train=dataclasses.replace(
-            self.train, epochs=2, eval_every=0))
+        # Two epochs: with mode B, one in each mode.
+        return dataclasses.replace(self, batch_size=64, recal_batches=2, latent_epochs=min(self.latent_epochs, 1),
+                                   train=dataclasses.replace(self.train, epochs=2, eval_every=0))
 
 
 @dataclass
@@ -84,15 +94,19 @@ def run_quant_row(recipe: QuantRecipe, *, smoke: bool, device=None, progress=Tru
         "cifar10", batch_size=recipe.batch_size, seed=recipe.train.seed, device=device,
         train_subset=recipe.smoke_train_images if smoke else None,
         test_subset=recipe.smoke_test_images if smoke else None)
-    books = quantize_(model, recipe.spec, seed=recipe.seed, grad=recipe.centroid_grad)
+    if recipe.latent_epochs:
+        books = snap_(model, recipe.spec, seed=recipe.seed)
+        callbacks = [LatentPhase(recipe.latent_epochs, recipe.centroid_grad)]
+    else:
+        books, callbacks = quantize_(model, recipe.spec, seed=recipe.seed, grad=recipe.centroid_grad), []
     clustered = evaluate(model.to(device), test_loader)["top1"]
     # No resumable checkpoint: a row is ~1 minute of GPU time, a rerun is cheaper than resuming
     # a parametrized model.
     teacher, teacher_accuracy = baselines.teacher_model(recipe.teacher, smoke=smoke, device=device)
     if teacher is not None:
         base.update(teacher=recipe.teacher, teacher_accuracy=teacher_accuracy)
-    model, history = fit(model, train_loader, test_loader, recipe.train, device=device, progress=progress,
-                         teacher=teacher)
+    model, history = fit(model, train_loader, test_loader, recipe.train, callbacks=callbacks, device=device,
+                         progress=progress, teacher=teacher)
     bake_(model)
     if recipe.fp16:
         snap_fp16_(model, weights=True, bn=False)    # the shared values first: BN statistics see them
@@ -107,6 +121,7 @@ def run_quant_row(recipe: QuantRecipe, *, smoke: bool, device=None, progress=Tru
     path = ship(model, recipe.row, smoke=smoke, accuracy=accuracy, test_images=len(test_loader.labels),
                 ratio=ratio, quant=recipe.spec, bits=recipe.spec.bits,
                 codebook_structure=list(recipe.spec.structure.as_tuple()), centroid_grad=recipe.centroid_grad,
+                latent_epochs=recipe.latent_epochs,
                 dataset="cifar10",
                 clustered_accuracy=round(clustered, 2), epochs=len(history),
                 train_time_s=round(float(history["epoch_time_s"].sum()), 1), channels=channels,

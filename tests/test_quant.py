@@ -74,14 +74,20 @@ def test_workload_groups_have_their_own_codebooks():
         assert set(row[row != 0].tolist()) <= set(books["features.3.weight"][g].tolist())
 
 
+def parametrized_weight_grad(m, conv, x):
+    """Backpropagate a loss through ``m``; returns ``conv``'s computed weight with its gradient kept."""
+    with parametrize.cached():            # the forward reuses this very tensor, so its grad is kept
+        w = conv.weight
+        w.retain_grad()
+        m.train()(x).square().sum().backward()
+    return w
+
+
 def test_centroid_gradient_is_the_sum_of_member_gradients():
     m = sparse_vgg(density=0.2)
     quantize_(m, QuantSpec(3, LAYER))
     conv = m.features[3]
-    with parametrize.cached():            # the forward reuses this very tensor, so its grad is kept
-        w = conv.weight
-        w.retain_grad()
-        m.train()(torch.rand(4, 3, 32, 32)).square().sum().backward()
+    w = parametrized_weight_grad(m, conv, torch.rand(4, 3, 32, 32))
     param = conv.parametrizations.weight.original
     codes = conv.parametrizations.weight[0].codes
     pos = conv.parametrizations.weight[0].positions
@@ -89,16 +95,21 @@ def test_centroid_gradient_is_the_sum_of_member_gradients():
     assert torch.allclose(param.grad.flatten(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_training_moves_centroids_not_the_mask():
+def tiny_cifar_loader(n=256, batch=64, seed=0):
+    """Random CIFAR-shaped images and labels: enough for a few training steps of ``sparse_vgg``."""
     from elastictrain.data import GpuLoader, Split
+    g = torch.Generator().manual_seed(seed)
+    split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (n,), generator=g), "tiny")
+    return GpuLoader(split, batch, train=True)
+
+
+def test_training_moves_centroids_not_the_mask():
     from elastictrain.train import TrainConfig, fit
-    g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=g),
-                  torch.randint(0, 10, (256,), generator=g), "tiny")
     m = sparse_vgg()
     mask = {n: (w != 0).clone() for n, w in prunable_weights(m).items()}
     start = {n: b.clone() for n, b in quantize_(m, QuantSpec(2, LAYER)).items()}
-    fit(m, GpuLoader(split, 64, train=True), None, TrainConfig(epochs=1, lr=0.05), progress=False)
+    fit(m, tiny_cifar_loader(), None, TrainConfig(epochs=1, lr=0.05), progress=False)
     moved = codebooks(m)
     assert any(not torch.equal(moved[n], start[n]) for n in start)
     bake_(m)
@@ -165,10 +176,7 @@ def test_mean_gradient_divides_by_members():
     m = sparse_vgg(density=0.2)
     quantize_(m, QuantSpec(3, LAYER), grad="mean")
     conv = m.features[3]
-    with parametrize.cached():
-        w = conv.weight
-        w.retain_grad()
-        m.train()(torch.rand(4, 3, 32, 32)).square().sum().backward()
+    w = parametrized_weight_grad(m, conv, torch.rand(4, 3, 32, 32))
     shared = conv.parametrizations.weight[0]
     total = torch.zeros(8).index_add_(0, shared.codes, w.grad.flatten()[shared.positions])
     members = torch.bincount(shared.codes, minlength=8)

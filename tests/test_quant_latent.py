@@ -10,7 +10,7 @@ from elastictrain.prune.structure import LAYER, WORKLOAD
 from elastictrain.quant import QuantSpec, bake_, codebooks, quantize_, unique_per_group
 from elastictrain.quant.codebook import SharedWeight
 from elastictrain.quant.latent import LatentPhase, SnappedWeight, assignments, freeze_, recluster_, snap_
-from test_quant import sparse_vgg
+from test_quant import parametrized_weight_grad, sparse_vgg, tiny_cifar_loader
 
 X = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
@@ -39,10 +39,7 @@ def test_gradient_reaches_the_latent_weight_unchanged_and_never_a_pruned_one():
     m = sparse_vgg(density=0.2)
     snap_(m, QuantSpec(2, LAYER))
     conv = m.features[3]
-    with parametrize.cached():            # the forward reuses this very tensor, so its grad is kept
-        w = conv.weight
-        w.retain_grad()
-        m.train()(X).square().sum().backward()
+    w = parametrized_weight_grad(m, conv, X)
     latent = conv.parametrizations.weight.original
     pos = conv.parametrizations.weight[0].positions
     assert torch.equal(latent.grad.flatten()[pos], w.grad.flatten()[pos])
@@ -96,17 +93,13 @@ def test_freeze_keeps_the_function_and_leaves_only_codebooks_to_train():
 
 
 def test_latent_phase_lets_weights_change_centroid_then_trains_centroids():
-    from elastictrain.data import GpuLoader, Split
     from elastictrain.train import TrainConfig, fit
-    g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=g),
-                  torch.randint(0, 10, (256,), generator=g), "tiny")
     m = sparse_vgg()
     mask = {n: (w != 0).clone() for n, w in prunable_weights(m).items()}
     snap_(m, QuantSpec(2, LAYER))
     start = assignments(m)
     phase = LatentPhase(2)
-    m, history = fit(m, GpuLoader(split, 64, train=True), None, TrainConfig(epochs=3, lr=0.2),
+    m, history = fit(m, tiny_cifar_loader(), None, TrainConfig(epochs=3, lr=0.2),
                      callbacks=[phase], progress=False)
     # epoch 2 (the second of mode B) counts the weights whose centroid changed during epoch 1
     assert np.isnan(history.changed_centroid[0]) and 0 < history.changed_centroid[1] < 1

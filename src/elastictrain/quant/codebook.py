@@ -104,12 +104,18 @@ def quantize_(model: nn.Module, spec: QuantSpec, seed: int = 0, grad: str = "sum
     then moves as far as one weight would, instead of 1000 times as far at the same learning rate.
     """
     check_grad(grad)
+    return cluster_each_(model, spec, seed, lambda mod, book, pos, codes: share_(mod, book, pos, codes, grad))
+
+
+def cluster_each_(model: nn.Module, spec: QuantSpec, seed: int, attach) -> dict:
+    """k-means for every prunable weight (``build_codebook``), then ``attach(module, codebook,
+    positions, codes)`` re-parametrizes its module, all on the weight's device: mode A (``share_``)
+    or mode B (``latent.snap_``). Returns the initial codebooks by weight name."""
     books = {}
     modules = conv_and_linear(model)
     for name, w in prunable_weights(model).items():
         codebook, pos, codes = build_codebook(w, spec, seed)
-        device = w.device
-        share_(modules[name], codebook.to(device), pos.to(device), codes.to(device), grad)
+        attach(modules[name], *(t.to(w.device) for t in (codebook, pos, codes)))
         books[name] = codebook
     model.quant_spec = spec
     return books

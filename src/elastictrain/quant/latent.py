@@ -17,9 +17,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..models.common import prunable_weights
 from ..train import Callback
-from .codebook import QuantSpec, build_codebook, check_grad, conv_and_linear, share_
+from .codebook import QuantSpec, check_grad, cluster_each_, conv_and_linear, share_
 
 
 def nearest(values: torch.Tensor, groups: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -39,14 +38,16 @@ class SnappedWeight(nn.Module):
         self.register_buffer("groups", groups)
         self.register_buffer("codebook", codebook)   # [G, K]; moved by ``recluster_``, not by the optimiser
 
-    def codes(self, latent: torch.Tensor) -> torch.Tensor:
-        """Each non-zero's entry in the flattened codebook (group·K + code): what mode A would fix."""
-        values = latent.detach().flatten()[self.positions].float()
+    def _entries(self, values: torch.Tensor) -> torch.Tensor:
         return self.groups * self.codebook.shape[1] + nearest(values, self.groups, self.codebook)
 
+    def codes(self, latent: torch.Tensor) -> torch.Tensor:
+        """Each non-zero's entry in the flattened codebook (group·K + code): what mode A would fix."""
+        return self._entries(latent.detach().flatten()[self.positions].float())
+
     def forward(self, latent):
-        v = latent.flatten()[self.positions]
-        q = self.codebook.flatten()[self.codes(latent)].to(v.dtype)
+        v = latent.flatten()[self.positions]   # gathered once per forward: the search reuses it
+        q = self.codebook.flatten()[self._entries(v.detach().float())].to(v.dtype)
         # q + (v - v) is q to the bit (x - x is exactly 0), and its gradient with respect to v is 1.
         out = torch.zeros(latent.numel(), dtype=v.dtype, device=v.device)
         return out.scatter(0, self.positions, q + (v - v.detach())).view(self.shape)
@@ -60,19 +61,11 @@ def _snapped(model: nn.Module):
 
 
 def snap_(model: nn.Module, spec: QuantSpec, seed: int = 0) -> dict:
-    """Put every prunable weight in mode B, its codebooks from ``build_codebook``'s k-means (as
-    ``quantize_`` starts mode A); the current weights become the latent values. Returns the
-    initial codebooks by weight name."""
-    books = {}
-    modules = conv_and_linear(model)
-    for name, w in prunable_weights(model).items():
-        codebook, pos, codes = build_codebook(w, spec, seed)
-        device = w.device
-        snapped = SnappedWeight(w.shape, pos.to(device), (codes // spec.levels).to(device), codebook.to(device))
-        parametrize.register_parametrization(modules[name], "weight", snapped, unsafe=True)
-        books[name] = codebook
-    model.quant_spec = spec
-    return books
+    """Put every prunable weight in mode B, its codebooks from the k-means that starts mode A
+    (``cluster_each_``); the current weights become the latent values. Returns the initial
+    codebooks by weight name."""
+    return cluster_each_(model, spec, seed, lambda mod, book, pos, codes: parametrize.register_parametrization(
+        mod, "weight", SnappedWeight(mod.weight.shape, pos, codes // spec.levels, book), unsafe=True))
 
 
 @torch.no_grad()

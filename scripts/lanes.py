@@ -16,6 +16,9 @@ first on PYTHONPATH. A lane that needs another's product waits for it in the she
     A: python scripts/reproduce.py --out out dense-vgg16 && python benchmarks/robust_variants.py ...
     B: until grep -qs '"dense-vgg16": "done"' ../A/out/status.json; do sleep 10; done; cp -r ../A/checkpoints . && ...
 
+A later ``start`` on the same ROOT adds lanes (new names only) beside those running or done, for instance
+once one has finished and left the GPU to others; ``wait`` covers them all.
+
 ``wait`` packs into ``<out>/lane-<NAME>.tar.gz`` that lane's ``lane.log`` and every file under ``out/``,
 ``TrainedModels/``, ``notebooks/`` and ``benchmarks/results/`` that changed after it started. Stop a lane
 with ``kill -- -$(cat ROOT/NAME/.lane.pid)`` (its process group).

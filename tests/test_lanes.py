@@ -68,6 +68,18 @@ def test_lanes_run_in_their_own_copies_and_pack_what_they_changed(lanes, source,
     assert lanes.main(["wait", str(root)]) == 1  # a failed lane fails the call
 
 
+def test_a_later_start_adds_lanes_that_wait_covers_with_the_rest(lanes, source, tmp_path):
+    root = tmp_path / "lanes"
+    lanes.start(root, {"A": "echo a > TrainedModels/A.etm"}, source=source)
+    assert lanes.wait(root, timeout_s=30, out=None, poll_s=0.1) == {"A": "done"}
+    # Added once A is done, as session 42 added lanes to a warm machine: it may read A's copy.
+    lanes.start(root, {"C": "cp ../A/TrainedModels/A.etm TrainedModels/C.etm"}, source=source)
+    assert lanes.wait(root, timeout_s=30, out=tmp_path / "back", poll_s=0.1) == {"A": "done", "C": "done"}
+    with tarfile.open(tmp_path / "back" / "lane-C.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["C/TrainedModels/C.etm", "C/lane.log"]
+        assert tar.extractfile("C/TrainedModels/C.etm").read() == b"a\n"
+
+
 def test_wait_reports_running_lanes_without_waiting_for_them(lanes, source, tmp_path, capsys):
     root = tmp_path / "lanes"
     lanes.start(root, {"slow": "sleep 30"}, source=source)

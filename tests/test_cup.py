@@ -229,7 +229,7 @@ def _tiny_mnist(n=512):
     return GpuLoader(split, 64, train=True, seed=0)
 
 
-def _fit_ss(epochs, path=None, seen=None, multiple=1, b=0.0):
+def _fit_ss(epochs, path=None, seen=None, multiple=1, b=0.0, max_params=100_000, max_flops=None):
     from elastictrain.cup import CupSS
     from elastictrain.train import Callback, TrainConfig, fit
 
@@ -240,7 +240,7 @@ def _fit_ss(epochs, path=None, seen=None, multiple=1, b=0.0):
                 seen.append((state.epoch, state.optimizer, tuple(state.model.arch["kwargs"].get("hidden", ()))))
 
     torch.manual_seed(0)
-    ss = CupSS(k=0.5, b=b, offset=1, max_params=100_000, multiple=multiple)
+    ss = CupSS(k=0.5, b=b, offset=1, max_params=max_params, max_flops=max_flops, multiple=multiple)
     cfg = TrainConfig(epochs=epochs, lr=0.05, nesterov=False, weight_decay=1e-4, schedule="step",
                       milestones=(80, 120), checkpoint_every=1)
     model, hist = fit(create_model("mlp"), _tiny_mnist(), None, cfg, callbacks=[ss, Watch()],
@@ -280,9 +280,30 @@ def test_cup_ss_resumes_with_the_pruned_architecture(tmp_path):
     assert list(h2["params"]) == list(h1["params"])
 
 
-def test_cup_ss_needs_one_budget():
+def test_cup_ss_with_both_budgets_prunes_on_until_both_hold():
+    # the MLP at k = 0.5: 545,810 params (1,091,610 FLOPs) until t = 1.0 leaves 226,389 (452,768), then t = 1.5 807
+    _, alone, p = _fit_ss(6, max_params=300_000)
+    assert p.stopped_at == 3 and alone["flops"].iloc[-1] == 452_768
+    model, hist, ss = _fit_ss(6, max_params=300_000, max_flops=400_000)
+    assert ss.stopped_at == 4 and hist["params"].iloc[2] <= 300_000   # params alone would have stopped at epoch 3
+    assert hist["flops"].iloc[-1] <= 400_000 and count_flops(model) == hist["flops"].iloc[-1]
+    assert (hist["params"].iloc[3:] == count_params(model)).all()
+
+
+def test_cup_ss_row_turns_min_fr_into_a_flops_budget():
+    from elastictrain.cup import cifar
+    row = cifar.CupSSRow("C4", "vgg16_cup", "vgg16", k=0.02, batch_size=64, max_params=900_000, min_fr=3.06,
+                         train=cifar.SS_TRAIN)
+    assert row.min_fr == 3.06
+    with pytest.raises(ValueError, match="FR above 1"):
+        dataclasses.replace(row, min_fr=1.0)
+    with pytest.raises(ValueError, match="not beside max_flops"):
+        dataclasses.replace(row, max_flops=200_000_000)
+
+
+def test_cup_ss_needs_a_budget():
     from elastictrain.cup import CupSS
-    with pytest.raises(ValueError, match="exactly one budget"):
+    with pytest.raises(ValueError, match="give a budget"):
         CupSS(0.02)
     with pytest.raises(ValueError, match="multiple"):
         CupSS(0.02, max_params=100_000, multiple=0)
@@ -443,6 +464,24 @@ def test_run_cupss_smoke_stops_at_the_flops_budget():
     meta = read_header(r.path)["meta"]
     assert meta["smoke"] is True and meta["method"] == "CUP-SS" and meta["widths"] == [1] * 27
     assert meta["test_images"] == 64 and meta["ratio"] == pytest.approx(s["fr"])
+
+
+def test_run_cupss_smoke_turns_min_fr_into_a_flops_budget_beside_the_params_one():
+    from elastictrain.cup import cifar
+    from elastictrain.data import DatasetMissingError
+    from elastictrain.storage import read_header
+    row = _tiny(cifar.CupSSRow("C8", "resnet56", "resnet56", k=100.0, train=cifar.SS_TRAIN, batch_size=256,
+                               max_params=10_000_000, min_fr=2.0))
+    try:
+        r = cifar.run_cupss(row, smoke=True, progress=False)
+    except DatasetMissingError as e:
+        pytest.skip(str(e))
+    s = r.summary
+    # the params budget holds from the start; FR >= 2 needs epoch 2's pass (t = 100: one filter per block)
+    assert s["max_flops"] == 253_121_802 // 2 and s["min_fr"] == 2.0
+    assert s["stopped_at"] == 2 and s["flops"] == resnet56_hand([1] * 27)
+    meta = read_header(r.path)["meta"]
+    assert "budgets: params <= 10,000,000 and FLOPs <= 126,560,901 (FR >= 2.0, ours)" in cifar.shipped_extras(meta)
 
 
 def test_cupss_row_distils_only_with_both_teacher_and_weight():

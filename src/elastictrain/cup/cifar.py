@@ -88,6 +88,7 @@ class CupSSRow:
     batch_size: int
     max_params: int | None = None
     max_flops: int | None = None
+    min_fr: float | None = None  # ours: the FLOPs budget as an FR of the unpruned model, beside max_params
     b: float = 0.0
     offset: int = 1
     wd_after_stop: float | None = None   # see CupSS; None keeps the paper's 1e-4 throughout
@@ -98,6 +99,8 @@ class CupSSRow:
 
     def __post_init__(self):
         baselines.check_teacher(self.teacher, self.train)
+        if self.min_fr is not None and (self.max_flops is not None or not self.min_fr > 1):
+            raise ValueError(f"min_fr={self.min_fr}: give an FR above 1, and not beside max_flops (it sets max_flops)")
 
     def smoke(self) -> "CupSSRow":
         return dataclasses.replace(self, batch_size=64,
@@ -220,7 +223,8 @@ def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupR
     train_loader, test_loader = _loaders(cfg, smoke, device, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model)
-    ss = CupSS(cfg.k, b=cfg.b, offset=cfg.offset, max_params=cfg.max_params, max_flops=cfg.max_flops,
+    max_flops = cfg.max_flops if cfg.min_fr is None else int(count_flops(model) / cfg.min_fr)
+    ss = CupSS(cfg.k, b=cfg.b, offset=cfg.offset, max_params=cfg.max_params, max_flops=max_flops,
                wd_after_stop=cfg.wd_after_stop, multiple=cfg.multiple)
     run_state = _run_state(cfg.row, smoke)
     teacher, teacher_accuracy = baselines.teacher_model(cfg.teacher, smoke=smoke, device=device)
@@ -234,7 +238,7 @@ def run_cupss(cfg: CupSSRow, *, smoke: bool, device=None, progress=True) -> CupR
     started = history.loc[history["params"] < history["params"].iloc[0], "epoch"]
     times = history["epoch_time_s"]
     summary = {"k": cfg.k, "b": cfg.b, "offset": cfg.offset, "max_params": cfg.max_params,
-               "max_flops": cfg.max_flops, "stopped_at": ss.stopped_at,
+               "max_flops": max_flops, **({"min_fr": cfg.min_fr} if cfg.min_fr else {}), "stopped_at": ss.stopped_at,
                "t_at_stop": float(pruning.iloc[-1]) if ss.stopped_at else None,
                "first_pruned_epoch": int(started.iloc[0]) if len(started) else None,
                "fr": fr, "pr": pr, "params": count_params(model), "flops": count_flops(model),
@@ -349,6 +353,9 @@ def shipped_extras(meta: dict) -> str:
                   f"{meta['stopped_at']} at t = {meta['t_at_stop']}",
                   "  best after the stop: " + ("none recorded" if after is None else
                                                f"{after:.2f}% at epoch {meta['best_after_stop_epoch']} (test-picked)")]
+        if meta.get("min_fr"):  # only files of our two-budget runs record it, so older files print as they did
+            lines.append(f"  budgets: params <= {meta['max_params']:,} and FLOPs <= {meta['max_flops']:,} "
+                         f"(FR >= {meta['min_fr']}, ours)")
     lines += [f"  best test epoch: {best_txt}",
               f"  paper: params {_n(paper.get('params'))}, FLOPs {_n(paper.get('flops'))}; ours: params {meta['params']:,}, "
               f"FLOPs {meta['flops']:,}, PR {meta['pr']:.2f}x",

@@ -353,9 +353,10 @@ def shipped_extras(meta: dict) -> str:
                   f"{meta['stopped_at']} at t = {meta['t_at_stop']}",
                   "  best after the stop: " + ("none recorded" if after is None else
                                                f"{after:.2f}% at epoch {meta['best_after_stop_epoch']} (test-picked)")]
-        if meta.get("min_fr"):  # only files of our two-budget runs record it, so older files print as they did
-            lines.append(f"  budgets: params <= {meta['max_params']:,} and FLOPs <= {meta['max_flops']:,} "
-                         f"(FR >= {meta['min_fr']}, ours)")
+        if meta.get("min_fr"):  # only files of runs with min_fr record it, so older files print as they did
+            params = [] if meta["max_params"] is None else [f"params <= {meta['max_params']:,}"]
+            lines.append("  budgets: " + " and ".join(params + [f"FLOPs <= {meta['max_flops']:,}"])
+                         + f" (FR >= {meta['min_fr']}, ours)")
     lines += [f"  best test epoch: {best_txt}",
               f"  paper: params {_n(paper.get('params'))}, FLOPs {_n(paper.get('flops'))}; ours: params {meta['params']:,}, "
               f"FLOPs {meta['flops']:,}, PR {meta['pr']:.2f}x",

@@ -8,8 +8,8 @@ forward uses the nearest entry of its group's codebook, the backward passes the 
 through to the latent value (STE), and before every epoch each codebook follows its latent weights
 by Lloyd steps warm-started from the previous codebook. A weight can therefore change centroid as it
 trains. ``LatentPhase`` runs mode B for the first epochs of ``fit`` and then freezes the assignments
-into mode A for the rest: the spec's "mode B → A". Row 08 runs it (30 of 40 epochs, lr 0.003) and
-landed where mode A did (88.34% against 88.35%, one run each, session 42).
+into mode A for the rest: the spec's "mode B → A". Row 08 runs it (30 of 40 epochs, lr 0.003) and,
+with the same dense teacher, landed where mode A did (88.34% against 88.35%, one run each, session 42).
 
 Zeros stay zeros: only the mask's non-zeros are gathered, so a pruned weight's output is 0 and its
 latent value gets no gradient.

@@ -33,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,9 +53,23 @@ def _source(name) -> Path:
     return next(p for d in ("notebooks", "notebooks_pending") if (p := ROOT / d / f"{name}.ipynb").exists())
 
 
+def _without_injected_parameters(name) -> Path:
+    """The notebook to execute: a committed execution keeps its ``injected-parameters`` cell, and papermill
+    replaces that cell only when parameters are passed, so without this a run with none would execute the
+    last run's values over the parameters cell's defaults."""
+    source = _source(name)
+    nb = json.loads(source.read_text())
+    kept = [c for c in nb["cells"] if "injected-parameters" not in c["metadata"].get("tags", [])]
+    if len(kept) == len(nb["cells"]):
+        return source
+    path = Path(tempfile.mkdtemp(prefix="reproduce-")) / source.name
+    path.write_text(json.dumps({**nb, "cells": kept}, indent=1, ensure_ascii=False))
+    return path
+
+
 def _notebook(name, out, params=None):
     extra = ["-y", yaml.safe_dump(params)] if params else []
-    return ["papermill", str(_source(name)), str(out / f"{name}.ipynb"),
+    return ["papermill", str(_without_injected_parameters(name)), str(out / f"{name}.ipynb"),
             "--cwd", str(ROOT / "notebooks"), "-k", "python3", "--log-output", *extra]
 
 

@@ -96,3 +96,22 @@ def test_set_reaches_the_executed_notebook_with_its_type(reproduce, tmp_path, mo
     subprocess.run([sys.executable, "-m", *cmd], check=True, capture_output=True, cwd=tmp_path)
     ran = nbformat.read(tmp_path / "out" / "toy.ipynb", as_version=4)
     assert ran.cells[-1].outputs[0]["text"] == "float 1e-05 {'fc1': 100}\n"
+
+
+def test_a_run_without_sets_executes_the_defaults_not_the_last_runs_injected_values(reproduce, tmp_path, monkeypatch):
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("WD = 5e-4", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("WD = 1.0", metadata={"tags": ["injected-parameters"]}),  # a committed run's
+        nbformat.v4.new_code_cell("print(WD)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "toy.ipynb")
+    monkeypatch.setattr(reproduce, "_source", lambda name: tmp_path / f"{name}.ipynb")
+    (tmp_path / "out").mkdir()
+    for params, printed in [(None, "0.0005\n"), ({"WD": 0.25}, "0.25\n")]:
+        cmd = reproduce._notebook("toy", tmp_path / "out", params)
+        subprocess.run([sys.executable, "-m", *cmd], check=True, capture_output=True, cwd=tmp_path)
+        ran = nbformat.read(tmp_path / "out" / "toy.ipynb", as_version=4)
+        assert ran.cells[-1].outputs[0]["text"] == printed
+        assert sum("injected-parameters" in c.metadata.get("tags", []) for c in ran.cells) == (params is not None)
+    assert len(nbformat.read(tmp_path / "toy.ipynb", as_version=4).cells) == 3  # the source is left as it was

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import attacks, checkpoints, distributed
+from . import attacks, checkpoints, distributed, sam
 from .graphs import TrainingForward
 from .objectives import WithMaps, mixup, needs_maps, objective
 from .precision import autocast
@@ -81,6 +81,9 @@ class TrainConfig:
     # BatchNorm statistics of the training forward on [clean; adversarial]: "mixed" (the whole batch's)
     # or "clean" (the clean half's, applied to both halves: ``attacks.use_clean_statistics``).
     adv_bn_stats: str = "mixed"
+    # Sharpness-aware minimisation (Foret et al. 2021, not in ElasticTrain; ``sam``): the step's gradient
+    # is taken again at w + sam_rho·g/‖g‖ over the non-zero weights. 0: off. Doubles a step's cost.
+    sam_rho: float = 0.0
 
     def __post_init__(self):
         if self.schedule not in ("onecycle", "cosine", "step", "constant"):
@@ -101,6 +104,8 @@ class TrainConfig:
         if self.mixup < 0 or (self.mixup > 0 and self.adversarial_beta < 1):
             raise ValueError(f"mixup must be >= 0 and 0 with adversarial training, whose attack needs the "
                              f"image's own label (got mixup {self.mixup}, beta {self.adversarial_beta})")
+        if self.sam_rho < 0:
+            raise ValueError(f"sam_rho must be >= 0 (0: no SAM), got {self.sam_rho}")
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise ValueError(f"need 0 <= distill_alpha <= 1 and distill_temperature > 0 (got "
                              f"{self.distill_alpha}, {self.distill_temperature})")
@@ -265,21 +270,32 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                 x_adv = attacks.pgd(state.model, x, y, eps=config.adv_eps, step_size=config.adv_step_size,
                                     steps=config.adv_steps, bn=config.adv_attack_bn, generator=state.attack_rng,
                                     forward=attack_forward(state.model, eager=state.defer_compile))
-            with autocast(device, config.amp):
-                maps = None
-                if config.attention_beta > 0:
-                    if tapped is None or tapped.model is not state.model:
-                        tapped = WithMaps(state.model)
-                    (out, maps), out_adv = train_forward(tapped, eager=state.defer_compile)(x), None
-                else:
-                    forward = train_forward(state.model, eager=state.defer_compile)
-                    if config.adversarial_beta < 1:
-                        out, out_adv = forward(torch.cat([x, x_adv])).chunk(2)
+            def batch_loss():
+                nonlocal tapped
+                with autocast(device, config.amp):
+                    maps = None
+                    if config.attention_beta > 0:
+                        if tapped is None or tapped.model is not state.model:
+                            tapped = WithMaps(state.model)
+                        (out, maps), out_adv = train_forward(tapped, eager=state.defer_compile)(x), None
                     else:
-                        out, out_adv = _split_forward(forward, state.model, x, config.bn_splits), None
-                loss = objective(out, out_adv, y, x, teacher, config, mix, maps)
+                        forward = train_forward(state.model, eager=state.defer_compile)
+                        if config.adversarial_beta < 1:
+                            out, out_adv = forward(torch.cat([x, x_adv])).chunk(2)
+                        else:
+                            out, out_adv = _split_forward(forward, state.model, x, config.bn_splits), None
+                    return objective(out, out_adv, y, x, teacher, config, mix, maps), out
+
+            loss, out = batch_loss()
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Counted now: a second graphed forward may overwrite ``out``'s memory.
+            correct += (out.argmax(1) == y).sum()
+            if config.sam_rho > 0:  # the same batch (and attack, and mix) at the perturbed weights
+                with sam.perturbed(state.model, config.sam_rho):
+                    second, _ = batch_loss()
+                    state.optimizer.zero_grad(set_to_none=True)
+                    second.backward()
             state.optimizer.step()
             state.step += 1
             state.loss = loss.detach()
@@ -287,7 +303,6 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *, cal
                 cb.after_step(state)
             # Accumulate on the device: a .item() per step would sync and stall the GPU.
             loss_sum += loss.detach() * len(y)
-            correct += (out.argmax(1) == y).sum()
             seen += len(y)
         state.epoch += 1
         # Every rank records the global figures; BatchNorm running statistics become rank 0's, which

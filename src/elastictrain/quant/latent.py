@@ -2,7 +2,7 @@
 
 Mode A (``codebook.quantize_``) fixes every weight's centroid when k-means runs and trains only the
 centroids: at 1000× a 4-bit layer keeps ~1,000 weights but trains 16 values, so fine-tuning wins
-back what k-means cost (row 08: 84.6% right after k-means, 88.35% after 40 epochs, from 88.41%) with
+back what k-means cost (row 08 in session 8: 84.6% right after k-means, 88.35% after 40 epochs, from 88.41%) with
 little freedom beyond that. Mode B keeps each non-zero weight as a latent float32 value: the
 forward uses the nearest entry of its group's codebook, the backward passes the gradient straight
 through to the latent value (STE), and before every epoch each codebook follows its latent weights

@@ -229,7 +229,7 @@ def _tiny_mnist(n=512):
     return GpuLoader(split, 64, train=True, seed=0)
 
 
-def _fit_ss(epochs, path=None, seen=None, multiple=1, b=0.0, max_params=100_000, max_flops=None):
+def _fit_ss(epochs, path=None, seen=None, multiple=1, b=0.0, max_params=100_000, max_flops=None, sam_rho=0.0):
     from elastictrain.cup import CupSS
     from elastictrain.train import Callback, TrainConfig, fit
 
@@ -242,7 +242,7 @@ def _fit_ss(epochs, path=None, seen=None, multiple=1, b=0.0, max_params=100_000,
     torch.manual_seed(0)
     ss = CupSS(k=0.5, b=b, offset=1, max_params=max_params, max_flops=max_flops, multiple=multiple)
     cfg = TrainConfig(epochs=epochs, lr=0.05, nesterov=False, weight_decay=1e-4, schedule="step",
-                      milestones=(80, 120), checkpoint_every=1)
+                      milestones=(80, 120), checkpoint_every=1, sam_rho=sam_rho)
     model, hist = fit(create_model("mlp"), _tiny_mnist(), None, cfg, callbacks=[ss, Watch()],
                       checkpoint_path=path, progress=False)
     return model, hist, ss
@@ -261,6 +261,16 @@ def test_cup_ss_prunes_during_training_until_the_budget():
     opt_ids = [id(o) for _, o, _ in seen]
     assert len(set(opt_ids[:ss.stopped_at])) == ss.stopped_at
     assert len(set(opt_ids[ss.stopped_at - 1:])) == 1
+
+
+def test_cup_ss_with_sam_trains_through_every_architecture_change():
+    """SAM's second pass runs on whatever model CUP-SS has just built (and on its fresh optimiser)."""
+    model, hist, ss = _fit_ss(6, sam_rho=0.05)
+    plain = _fit_ss(6)[1]
+    assert ss.stopped_at is not None and hist["params"].iloc[-1] <= 100_000
+    assert count_params(model) == hist["params"].iloc[-1]
+    assert hist["train_loss"].notna().all() and (hist["train_loss"] < 10).all()
+    assert not hist["train_loss"].equals(plain["train_loss"])  # the steps did change
 
 
 def test_cup_ss_with_a_negative_b_starts_pruning_later_on_the_same_slope():

@@ -115,3 +115,21 @@ def test_fit_takes_the_step_with_the_gradient_at_the_perturbed_weights():
     assert (plain.fc2.weight - trained.fc2.weight).abs().max() > 1e-4
     # the recorded loss is the one at the unperturbed weights
     assert hist["train_loss"].iloc[0] == pytest.approx(loss0, rel=1e-5)
+
+
+def test_sam_with_adversarial_training_reuses_the_attack_and_keeps_pruned_weights_at_zero():
+    """With DNR's hybrid loss (beta 0.5) the second pass runs on the same [clean; PGD] batch: the step differs
+    from the one without SAM (same weights, same attack seed), and pruned weights stay zero."""
+    x, y = _batch(16)
+    common = dict(epochs=1, lr=0.5, schedule="constant", momentum=0.0, nesterov=False, weight_decay=0.0,
+                  adversarial_beta=0.5, adv_steps=2, adv_step_size=0.01, compile=None)
+    runs = {}
+    for rho in (0.0, 0.05):
+        model = _mlp()
+        with torch.no_grad():
+            model.fc1.weight[:3] = 0.0
+        runs[rho], hist = fit(model, [(x, y)], None, TrainConfig(sam_rho=rho, **common), callbacks=[_KeepPruned()],
+                              device="cpu", progress=False)
+        assert torch.count_nonzero(runs[rho].fc1.weight[:3]) == 0
+        assert hist["train_loss"].notna().all()
+    assert (runs[0.0].fc2.weight - runs[0.05].fc2.weight).abs().max() > 1e-4

@@ -42,14 +42,13 @@ def perturbed(model: nn.Module, rho: float):
         saved = [p.detach().clone() for p in params]
         saved_buffers = [b.clone() for b in buffers]
         grads = [p.grad * (p != 0) for p in params]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         # Scaled on the device: a .item() here would stall the GPU once per step.
         torch._foreach_add_(params, torch._foreach_mul(grads, rho / (norm + 1e-12)))
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-            for b, s in zip(buffers, saved_buffers):
-                b.copy_(s)
+        with torch.no_grad():  # one fused copy per list: this runs every training step
+            torch._foreach_copy_(params, saved)
+            if buffers:
+                torch._foreach_copy_(buffers, saved_buffers)

@@ -15,6 +15,7 @@ the best val epoch (Q9), reported beside it from the per-epoch evaluations.
 import dataclasses
 import json
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,14 +290,24 @@ def launch(row_id: str, *, data, out, gpus: int, match: str = "fr") -> dict:
 
 def run_rows(rows, *, smoke: bool, data=None, out=None, gpus: int = 1, match: str = "fr") -> dict:
     """Every row of an ImageNet notebook, in order. Smoke mode runs a few CPU steps of each on a tiny
-    synthetic ImageFolder in the smoke scratch folder (removed when the process or test session that
-    made it exits; accuracies mean nothing); full mode launches each row's torchrun job."""
+    synthetic ImageFolder in a scratch folder removed on return (accuracies mean nothing); full mode
+    launches each row's torchrun job."""
     if not smoke:
         return {rid: launch(rid, data=data, out=out, gpus=gpus, match=match) for rid in rows}
-    root = checkpoints.scratch_dir("smoke-imagenet-")
-    data = imagenet.make_synthetic_imagefolder(root / "data", classes=4, per_class=8, size=72)
-    run = ImagenetRun(data, root / "out").smoke()
-    return {rid: run_row(rid, run, match=match, progress=False) for rid in rows}
+    # A smoke row's files are read back only by later CUP rows (their dense base), and a ResNet-34's
+    # checkpoint weighs 85 MB: kept to the end, notebook 19's filled the last of CI's disk. So each file
+    # goes once no row left needs it, and the whole folder on return (the summaries are returned).
+    with tempfile.TemporaryDirectory(prefix="smoke-imagenet-", dir=checkpoints.scratch_root()) as root:
+        data = imagenet.make_synthetic_imagefolder(Path(root) / "data", classes=4, per_class=8, size=72)
+        run = ImagenetRun(data, Path(root) / "out").smoke()
+        results = {}
+        for i, rid in enumerate(rows):
+            results[rid] = run_row(rid, run, match=match, progress=False)
+            needed = {f"{BASES[ROWS[r].model].id}.pt" for r in rows[i + 1:] if isinstance(ROWS.get(r), ImagenetCupRow)}
+            for f in run.out.iterdir():
+                if f.name not in needed:
+                    f.unlink()
+        return results
 
 def results_table(results: dict) -> pd.DataFrame:
     """Ours (final epoch; best epoch labelled) beside the paper's figures (best epoch, Q9), per row."""

@@ -193,6 +193,7 @@ def test_full_mode_rows_read_finished_summaries_and_refuse_a_missing_imagenet(tm
     with pytest.raises(ValueError, match="IMAGENET"):
         I.run_rows(["R50-base"], smoke=False, data=None, out=tmp_path, gpus=8)
 
+
 def test_smoke_rows_keep_only_the_bases_later_rows_need_and_leave_nothing(monkeypatch):
     """Smoke mode's files: after each row only the dense bases of CUP rows still to come stay (a
     ResNet-34 checkpoint is 85 MB: kept to the end, notebook 19's filled CI's disk), none on return."""

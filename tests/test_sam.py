@@ -27,6 +27,13 @@ def _grads(model, x, y):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+def _sam_shift(g, w, rho):
+    """SAM's perturbation written out: rho·g/‖g‖ with g zeroed where the weight is zero."""
+    masked = {n: g[n] * (w[n] != 0) for n in g}
+    norm = torch.sqrt(sum((v ** 2).sum() for v in masked.values()))
+    return {n: rho * v / norm for n, v in masked.items()}
+
+
 def test_perturbation_has_radius_rho_skips_zero_weights_and_is_undone_exactly():
     model = _mlp()
     with torch.no_grad():
@@ -37,10 +44,9 @@ def test_perturbation_has_radius_rho_skips_zero_weights_and_is_undone_exactly():
     with sam.perturbed(model, 0.05):
         moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
         assert torch.count_nonzero(model.fc1.weight[:3]) == 0
-        masked = {n: g[n] * (before[n] != 0) for n in g}
-        norm = torch.sqrt(sum((v ** 2).sum() for v in masked.values()))
+        shift = _sam_shift(g, before, 0.05)
         for n in moved:
-            torch.testing.assert_close(moved[n], 0.05 * masked[n] / norm, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(moved[n], shift[n], rtol=1e-4, atol=1e-7)
         total = torch.sqrt(sum((v ** 2).sum() for v in moved.values()))
         assert float(total) == pytest.approx(0.05, rel=1e-4)
     for n, p in model.named_parameters():
@@ -96,11 +102,10 @@ def test_fit_takes_the_step_with_the_gradient_at_the_perturbed_weights():
 
     g = _grads(ref, x, y)
     w = {n: p.detach().clone() for n, p in ref.named_parameters()}
-    masked = {n: g[n] * (w[n] != 0) for n in g}
-    norm = torch.sqrt(sum((v ** 2).sum() for v in masked.values()))
+    shift = _sam_shift(g, w, 0.05)
     with torch.no_grad():
         for n, p in ref.named_parameters():
-            p.add_(0.05 * masked[n] / norm)
+            p.add_(shift[n])
     g2 = _grads(ref, x, y)
     for n, p in trained.named_parameters():
         expected = w[n] - 0.5 * g2[n]

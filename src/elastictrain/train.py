@@ -82,7 +82,8 @@ class TrainConfig:
     # or "clean" (the clean half's, applied to both halves: ``attacks.use_clean_statistics``).
     adv_bn_stats: str = "mixed"
     # Sharpness-aware minimisation (Foret et al. 2021, not in ElasticTrain; ``sam``): the step's gradient
-    # is taken again at w + sam_rho·g/‖g‖ over the non-zero weights. 0: off. Doubles a step's cost.
+    # is taken again at w + sam_rho·g/‖g‖ over the non-zero weights. 0: off. Doubles a plain step's cost
+    # (the training attack is not repeated: ~1.3x an adversarial step).
     sam_rho: float = 0.0
 
     def __post_init__(self):

@@ -20,7 +20,8 @@ from elastictrain import attacks
 from elastictrain.data import GpuLoader, load_split
 from elastictrain.models import create_model
 from elastictrain.storage import load_compressed
-from elastictrain.train import TrainConfig, evaluate, fit, prepare_model
+from elastictrain.accuracy import evaluate
+from elastictrain.train import TrainConfig, fit, prepare_model
 
 
 def epoch_seconds(mode, loader, test):

@@ -16,7 +16,7 @@ from elastictrain.metrics import count_weights, dense_fp32_bytes, layer_table, p
 from elastictrain.models import create_model
 from elastictrain.models.common import prunable_weights
 from elastictrain.storage import load_compressed, save_compressed
-from elastictrain.train import evaluate
+from elastictrain.accuracy import evaluate
 
 VGG16_WEIGHTS = 14_715_584
 

@@ -1099,7 +1099,7 @@ class BnAtEpochStart(Callback):
 
 
 def test_ramp_updates_recalibrate_bn_on_the_masked_weights():
-    from elastictrain.train import recalibrate_bn
+    from elastictrain.accuracy import recalibrate_bn
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g),

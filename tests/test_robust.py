@@ -18,7 +18,8 @@ from elastictrain.models import create_model
 from elastictrain.models.common import prunable_weights
 from elastictrain.prune import MaskCallback, PruneSpec
 from elastictrain.storage import load_compressed, read_header, save_compressed
-from elastictrain.train import Callback, TrainConfig, evaluate, fit
+from elastictrain.accuracy import evaluate
+from elastictrain.train import Callback, TrainConfig, fit
 
 EPS = 8 / 255
 

@@ -19,7 +19,8 @@ from .data import make_loaders
 from .evaluation import load_shipped
 from .models import create_model
 from .rows import ROWS
-from .train import TrainConfig, config_record, default_device, evaluate, fit
+from .accuracy import evaluate
+from .train import TrainConfig, config_record, default_device, fit
 
 
 @dataclass(frozen=True)

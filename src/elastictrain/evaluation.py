@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch
 
+from .accuracy import evaluate
 from .checkpoints import scratch_dir, sha256_file
 from .flops import count_flops, count_params
 from .metrics import count_weights, dense_fp32_bytes, paper_compression
 from .models import create_model
 from .rows import ROWS
 from .storage import load_compressed, save_compressed
-from .train import evaluate
-
 
 
 def trained_models_dir() -> Path:

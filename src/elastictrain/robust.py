@@ -22,7 +22,8 @@ from .evaluation import AGREEMENT, measure, trained_models_dir
 from .metrics import paper_compression
 from .rows import ROWS
 from .storage import load_compressed, read_header, save_compressed
-from .train import default_device, evaluate, prepare_model
+from .accuracy import evaluate
+from .train import default_device, prepare_model
 
 ATTACKS = ("clean", "fgsm", "pgd7", "pgd20")
 LABELS = {"clean": "clean", "fgsm": "FGSM"}
@@ -105,7 +106,7 @@ def robust_evaluate(model: nn.Module, data="cifar10", *, eps: float = 8 / 255, p
     ``limit``: only the first n images (smoke runs). ``attacks``: 'clean', 'fgsm', 'pgd<k>'. The model
     is moved to ``device`` (default: the GPU when there is one). Attacks run in bf16 on CUDA, in
     float32 on the CPU; the forward that scores the adversarial images is float32 without TF32, as
-    ``train.evaluate`` does for every reported figure. Every PGD attack draws its random start from a
+    ``accuracy.evaluate`` does for every reported figure. Every PGD attack draws its random start from a
     generator seeded with ``seed``, so a measurement repeats exactly on the same machine.
     """
     if limit is not None and limit < 1:

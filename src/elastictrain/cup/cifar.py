@@ -29,7 +29,8 @@ from ..evaluation import ship
 from ..flops import count_flops, count_params, reduction
 from ..models import create_model
 from ..storage import load_compressed
-from ..train import TrainConfig, default_device, evaluate, fit, recalibrate_bn
+from ..accuracy import evaluate, recalibrate_bn
+from ..train import TrainConfig, default_device, fit
 from .single_shot import CupSS
 from .surgery import cup_prune, find_t
 

@@ -27,7 +27,8 @@ from .. import checkpoints, distributed, imagenet
 from ..flops import count_flops, count_params, reduction
 from ..models import create_model
 from ..storage import save_compressed
-from ..train import TrainConfig, evaluate, fit
+from ..accuracy import evaluate
+from ..train import TrainConfig, fit
 from .cifar import best_epoch, layer_widths
 from .single_shot import CupSS
 from .surgery import cup_prune, find_t

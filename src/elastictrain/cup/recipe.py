@@ -12,7 +12,8 @@ from .. import baselines
 from ..data import make_loaders
 from ..evaluation import ship
 from ..flops import count_flops, count_params
-from ..train import default_device, evaluate, fit
+from ..accuracy import evaluate
+from ..train import default_device, fit
 from .surgery import cup_prune, rank_prune
 
 # CUP's printed figures (best epoch of each 30-epoch retraining; cup.md §2.3).

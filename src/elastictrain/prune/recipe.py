@@ -17,7 +17,8 @@ from ..data import make_loaders
 from ..evaluation import load_shipped, ship
 from ..metrics import count_weights
 from ..models import create_model, list_models
-from ..train import TrainConfig, default_device, evaluate, fit
+from ..accuracy import evaluate
+from ..train import TrainConfig, default_device, fit
 from .admm import ADMMCallback, AdmmSchedule
 from .masks import PruneSpec
 from .schedule import MaskCallback

@@ -21,7 +21,8 @@ from ..evaluation import load_shipped, ship
 from ..metrics import count_weights
 from ..models.common import prunable_weights
 from ..storage import load_compressed
-from ..train import TrainConfig, default_device, evaluate, fit, recalibrate_bn
+from ..accuracy import evaluate, recalibrate_bn
+from ..train import TrainConfig, default_device, fit
 from .codebook import QuantSpec, bake_, quantize_, unique_per_group
 from .compact import fold_bn_, snap_fp16_
 from .latent import LatentPhase, snap_

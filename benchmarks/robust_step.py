@@ -17,10 +17,10 @@ import time
 import torch
 
 from elastictrain import attacks
+from elastictrain.accuracy import evaluate
 from elastictrain.data import GpuLoader, load_split
 from elastictrain.models import create_model
 from elastictrain.storage import load_compressed
-from elastictrain.accuracy import evaluate
 from elastictrain.train import TrainConfig, fit, prepare_model
 
 

@@ -11,12 +11,12 @@ import torch
 
 from elastictrain import data as D
 from elastictrain.__main__ import main
+from elastictrain.accuracy import evaluate
 from elastictrain.evaluation import format_table
 from elastictrain.metrics import count_weights, dense_fp32_bytes, layer_table, paper_compression
 from elastictrain.models import create_model
 from elastictrain.models.common import prunable_weights
 from elastictrain.storage import load_compressed, save_compressed
-from elastictrain.accuracy import evaluate
 
 VGG16_WEIGHTS = 14_715_584
 

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from elastictrain import attacks, robust
 from elastictrain import data as D
+from elastictrain.accuracy import evaluate
 from elastictrain.data import DatasetMissingError, GpuLoader, Split
 from elastictrain.metrics import count_weights
 from elastictrain.models import create_model
 from elastictrain.models.common import prunable_weights
 from elastictrain.prune import MaskCallback, PruneSpec
 from elastictrain.storage import load_compressed, read_header, save_compressed
-from elastictrain.accuracy import evaluate
 from elastictrain.train import Callback, TrainConfig, fit
 
 EPS = 8 / 255

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from elastictrain import checkpoints
 from elastictrain import data as D
+from elastictrain.accuracy import evaluate, recalibrate_bn
 from elastictrain.data import DatasetMissingError, GpuLoader, Split
 from elastictrain.models import create_model
-from elastictrain.accuracy import evaluate, recalibrate_bn
 from elastictrain.train import Callback, TrainConfig, fit
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "epoch_time_s", "test_top1", "test_loss"]

@@ -15,11 +15,11 @@ import pandas as pd
 import torch
 
 from . import checkpoints
+from .accuracy import evaluate
 from .data import make_loaders
 from .evaluation import load_shipped
 from .models import create_model
 from .rows import ROWS
-from .accuracy import evaluate
 from .train import TrainConfig, config_record, default_device, fit
 
 

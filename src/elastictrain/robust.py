@@ -17,12 +17,12 @@ import torch
 import torch.nn as nn
 
 from . import attacks as _attacks
+from .accuracy import evaluate
 from .data import GpuLoader, load_split
 from .evaluation import AGREEMENT, measure, trained_models_dir
 from .metrics import paper_compression
 from .rows import ROWS
 from .storage import load_compressed, read_header, save_compressed
-from .accuracy import evaluate
 from .train import default_device, prepare_model
 
 ATTACKS = ("clean", "fgsm", "pgd7", "pgd20")

@@ -24,12 +24,12 @@ import pandas as pd
 import torch
 
 from .. import baselines, checkpoints
+from ..accuracy import evaluate, recalibrate_bn
 from ..data import make_loaders
 from ..evaluation import ship
 from ..flops import count_flops, count_params, reduction
 from ..models import create_model
 from ..storage import load_compressed
-from ..accuracy import evaluate, recalibrate_bn
 from ..train import TrainConfig, default_device, fit
 from .single_shot import CupSS
 from .surgery import cup_prune, find_t

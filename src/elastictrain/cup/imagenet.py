@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 
 from .. import checkpoints, distributed, imagenet
+from ..accuracy import evaluate
 from ..flops import count_flops, count_params, reduction
 from ..models import create_model
 from ..storage import save_compressed
-from ..accuracy import evaluate
 from ..train import TrainConfig, fit
 from .cifar import best_epoch, layer_widths
 from .single_shot import CupSS

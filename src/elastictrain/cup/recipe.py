@@ -9,10 +9,10 @@ import pandas as pd
 import torch
 
 from .. import baselines
+from ..accuracy import evaluate
 from ..data import make_loaders
 from ..evaluation import ship
 from ..flops import count_flops, count_params
-from ..accuracy import evaluate
 from ..train import default_device, fit
 from .surgery import cup_prune, rank_prune
 

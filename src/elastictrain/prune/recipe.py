@@ -12,12 +12,12 @@ import pandas as pd
 import torch
 
 from .. import baselines, checkpoints
+from ..accuracy import evaluate
 from ..averaging import WeightAverage
 from ..data import make_loaders
 from ..evaluation import load_shipped, ship
 from ..metrics import count_weights
 from ..models import create_model, list_models
-from ..accuracy import evaluate
 from ..train import TrainConfig, default_device, fit
 from .admm import ADMMCallback, AdmmSchedule
 from .masks import PruneSpec

@@ -25,8 +25,8 @@ import math
 
 import torch
 
-from ..models.common import prunable_weights
 from ..accuracy import recalibrate_bn
+from ..models.common import prunable_weights
 from ..train import Callback
 from .masks import PruneSpec, make_masks, pattern_library, per_kernel, topk_mask, whole_kernels
 

@@ -16,12 +16,12 @@ import pandas as pd
 import torch
 
 from .. import baselines
+from ..accuracy import evaluate, recalibrate_bn
 from ..data import make_loaders
 from ..evaluation import load_shipped, ship
 from ..metrics import count_weights
 from ..models.common import prunable_weights
 from ..storage import load_compressed
-from ..accuracy import evaluate, recalibrate_bn
 from ..train import TrainConfig, default_device, fit
 from .codebook import QuantSpec, bake_, quantize_, unique_per_group
 from .compact import fold_bn_, snap_fp16_

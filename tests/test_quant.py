@@ -320,3 +320,18 @@ def test_quant_row_smoke_ships_exactly_the_measured_model(tmp_path, monkeypatch,
         qr.QuantRecipe(row="E6", base="S", spec=spec, train=TrainConfig(distill_alpha=0.5))
     with pytest.raises(ValueError, match="latent_epochs"):
         qr.QuantRecipe(row="E6", base="S", spec=spec, train=TrainConfig(epochs=3), latent_epochs=4)
+
+
+def test_quant_row_refuses_a_residual_base_before_training(tmp_path, monkeypatch):
+    """BN folding is VGG-only and runs after fine-tuning: a ResNet base is refused before k-means and
+    ``fit``, so no training time is lost."""
+    from elastictrain import evaluation
+    from elastictrain.quant import recipe as qr
+    from elastictrain.train import TrainConfig
+    save_compressed(create_model("resnet56", widths=[4] * 27), tmp_path / "S.etm", {"accuracy": 50.0})
+    monkeypatch.setattr(evaluation, "trained_models_dir", lambda: tmp_path)
+    for step in ("quantize_", "snap_", "make_loaders", "fit"):
+        monkeypatch.setattr(qr, step, lambda *a, _s=step, **k: pytest.fail(f"{_s} ran before the refusal"))
+    with pytest.raises(NotImplementedError, match="resnet56"):
+        qr.run_quant_row(qr.QuantRecipe(row="E6", base="S", spec=QuantSpec(2, WORKLOAD), train=TrainConfig(epochs=1)),
+                         smoke=True, device="cpu", progress=False)

@@ -24,14 +24,19 @@ _FP16_MAX = 65504.0
 _FP16_TINY = 2.0 ** -24          # the smallest positive fp16 (subnormal)
 
 
-def _chain(model: nn.Module):
-    """(conv, bn, next weight layer) for each conv followed by a BN, in execution order.
-
-    VGG only: there the order of ``model.modules()`` is the order of execution, every BN is followed
-    by a ReLU and a channel feeds only the next conv/linear (a residual net breaks all three)."""
+def check_foldable(model: nn.Module):
+    """Refuse a model ``fold_bn_`` cannot fold soundly. VGG only: there the order of ``model.modules()``
+    is the order of execution, every BN is followed by a ReLU and a channel feeds only the next
+    conv/linear (a residual net breaks all three). ``quant.recipe`` asks before any training."""
     if not getattr(model, "arch", {}).get("name", "").startswith("vgg"):
         raise NotImplementedError("BN folding with dead-channel analysis is written for VGG (conv → BN → ReLU "
-                                  f"stacks), not {getattr(model, 'arch', {}).get('name')!r}")
+                                  f"stacks), not {getattr(model, 'arch', {}).get('name')!r}: quantize a VGG row's "
+                                  "file, or fold BN for this architecture first")
+
+
+def _chain(model: nn.Module):
+    """(conv, bn, next weight layer) for each conv followed by a BN, in execution order."""
+    check_foldable(model)
     leaves = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d))]
     weights = [m for m in leaves if isinstance(m, (nn.Conv2d, nn.Linear))]
     out = []

@@ -24,7 +24,7 @@ from ..models.common import prunable_weights
 from ..storage import load_compressed
 from ..train import TrainConfig, default_device, fit
 from .codebook import QuantSpec, bake_, quantize_, unique_per_group
-from .compact import fold_bn_, snap_fp16_
+from .compact import check_foldable, fold_bn_, snap_fp16_
 from .latent import LatentPhase, snap_
 
 
@@ -90,6 +90,7 @@ def run_quant_row(recipe: QuantRecipe, *, smoke: bool, device=None, progress=Tru
     if smoke:
         recipe = recipe.smoke()
     model, base = load_shipped(recipe.base)
+    check_foldable(model)  # fold_bn_ runs after training: refuse what it cannot fold before any training
     masks = {n: (w.detach() != 0).clone() for n, w in prunable_weights(model).items()}
     train_loader, test_loader = make_loaders(
         "cifar10", batch_size=recipe.batch_size, seed=recipe.train.seed, device=device,

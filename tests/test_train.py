@@ -185,6 +185,24 @@ def test_evaluate_constant_prediction_gives_class_frequency(mnist):
     assert 0 < res["top1"] < res["top5"] < 100
 
 
+def test_evaluate_restores_tf32_flags_and_mode_when_interrupted(monkeypatch):
+    """The TF32 switches are process-wide: a measurement stopped part-way must not leave the training
+    that follows it without TF32, nor the model in eval mode."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    model = ConstantModel().train()
+
+    def batches():
+        yield torch.zeros(2, 1), torch.tensor([3, 1])
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, batches())
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    assert model.training
+
+
 # -------------------------------------------------------------------------------------- callbacks
 
 class Counting(Callback):

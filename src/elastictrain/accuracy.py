@@ -33,20 +33,24 @@ def evaluate(model: nn.Module, data, *, amp: bool = False, device=None) -> dict:
     ctx = autocast(dev, amp)
     # Reported figures are float32 proper: cuDNN's TF32 convolutions would make a GPU measurement
     # disagree with a CPU re-measurement of the same file on borderline images.
+    # The flags are process-wide: restored even when a measurement is interrupted, or the training
+    # that follows it in the same process would run without TF32.
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = amp and tf32[0]
-    for x, y in data:
-        x, y = x.to(dev), y.to(dev)
-        with ctx:
-            out = model(x).float()
-        loss += F.cross_entropy(out, y, reduction="sum").item()
-        k = min(5, out.shape[1])
-        pred = out.topk(k, 1).indices
-        top1 += (pred[:, 0] == y).sum().item()
-        top5 += (pred == y[:, None]).any(1).sum().item()
-        n += len(y)
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    model.train(was_training)
+    try:
+        for x, y in data:
+            x, y = x.to(dev), y.to(dev)
+            with ctx:
+                out = model(x).float()
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+            k = min(5, out.shape[1])
+            pred = out.topk(k, 1).indices
+            top1 += (pred[:, 0] == y).sum().item()
+            top5 += (pred == y[:, None]).any(1).sum().item()
+            n += len(y)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        model.train(was_training)
     if getattr(data, "sharded", False):
         n, top1, top5, loss = distributed.all_reduce_sum([n, top1, top5, loss])
         n, top1, top5 = int(n), int(top1), int(top5)

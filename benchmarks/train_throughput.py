@@ -8,7 +8,7 @@ Both time one full epoch over the 50k training images after a warm-up epoch (cuD
 and worker start-up excluded), and report images/s. Measured: see README (GPU kind stated there).
 
     python benchmarks/train_throughput.py [--model vgg16] [--synthetic] [--mask-density 0.02] [--rewire 0.3] [--repeats 3]
-        [--deferred]
+        [--deferred] [--sam 0.05]
 
 With --deferred every epoch trains a new model object with compiling deferred, as CUP-SS's pruning
 epochs do (a copy here, so the shapes stay put and only the trainer's path differs): compile 'none' is
@@ -18,6 +18,10 @@ timed epoch includes that capture.
 With --repeats N the trainer configurations of one model, batch and compile mode are timed N times each, round-robin,
 and each is reported as its median with every run listed: a single run favoured whichever configuration ran later
 (session 7: the unmasked fit, run first, came out 10% slower than the masked one).
+
+With --sam RHO the same configuration is also timed with sharpness-aware minimisation (a second forward
+and backward per step, ``elastictrain.sam``): SAM should cost about 2x a step. CUP-SS on ResNet-56 ran
+3.5-5x slower per epoch with it (sessions 54-55, cup_variants.md), which this isolates from the data.
 
 --synthetic replaces CIFAR-10 by random uint8 images of the same shape (timing does not depend on
 pixel values); it skips (a), which needs the real files.
@@ -71,9 +75,9 @@ def dataloader_images_per_s(model_name, root, batch=128, workers=4):
 
 
 def trainer_images_per_s(model_name, split, batch=512, compile=None, mask_density=None, ramp=1, rewire=0.0,
-                         deferred=False):
+                         deferred=False, sam_rho=0.0):
     loader = GpuLoader(split, batch, train=True, crop_pad=4, flip=True, device="cuda")
-    cfg = TrainConfig(epochs=2, lr=0.05, eval_every=0, compile=compile)
+    cfg = TrainConfig(epochs=2, lr=0.05, eval_every=0, compile=compile, sam_rho=sam_rho)
     # Masks change only before an epoch, outside its timing, so epoch 2 times their enforcement after
     # every step: the cost that must stay under ~10% of a step. With a 4-epoch ramp and rewiring, epoch 2
     # also keeps the running average of the dense gradient that the next update regrows by.
@@ -98,6 +102,7 @@ def main():
                    help="time each trainer configuration this many times, round-robin, and report the median")
     p.add_argument("--deferred", action="store_true",
                    help="a new model every epoch, compiling deferred (CUP-SS's pruning epochs); see above")
+    p.add_argument("--sam", type=float, default=0.0, help="also time the same configuration with SAM at this radius")
     args = p.parse_args()
     if args.synthetic:
         g = torch.Generator().manual_seed(0)
@@ -107,6 +112,8 @@ def main():
         split = load_split("cifar10", train=True)
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     configs = {"dense": dict(deferred=args.deferred)}
+    if args.sam:
+        configs["sam"] = dict(deferred=args.deferred, sam_rho=args.sam)
     if args.mask_density:
         configs["masked"] = dict(mask_density=args.mask_density)
         if args.rewire:
@@ -130,6 +137,9 @@ def main():
                 print(f"{name}: (b) elastictrain fit bs{b} bf16 channels_last compile={mode}"
                       f"{' deferred (new model each epoch)' if args.deferred else ''}: "
                       f"{ips['dense']:,.0f} images/s{ratio}{each['dense']}", flush=True)
+                if "sam" in ips:
+                    print(f"{name}:     with SAM rho {args.sam}: {ips['sam']:,.0f} images/s, "
+                          f"step {ips['dense'] / ips['sam']:.2f}x the step without{each['sam']}", flush=True)
                 if "masked" in ips:
                     print(f"{name}:     with masks at density {args.mask_density}: {ips['masked']:,.0f} images/s, "
                           f"step {100 * (ips['dense'] / ips['masked'] - 1):+.1f}% vs unmasked{each['masked']}", flush=True)

@@ -15,7 +15,9 @@ running statistics are restored exactly (copied back, not subtracted), so the st
 and the statistics as a single forward would.
 
 The cost is a second forward and backward per step: about twice the time of a plain step, ~1.3x an
-adversarial one, whose seven PGD passes are not repeated (session 47, ``robust_variants.md``).
+adversarial one, whose seven PGD passes are not repeated (session 47, ``robust_variants.md``). CUP-SS
+on ResNet-56 measured 3.5-5x per epoch (sessions 54-55, ``cup_variants.md``), not yet explained;
+``benchmarks/train_throughput.py --sam`` times the step alone.
 """
 from contextlib import contextmanager
 
@@ -26,6 +28,13 @@ import torch.nn as nn
 def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             for b in m.buffers()]
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for t in tensors]  # allocations only: no kernel per tensor
+    if out:
+        torch._foreach_copy_(out, tensors)
+    return out
 
 
 @contextmanager
@@ -40,9 +49,11 @@ def perturbed(model: nn.Module, rho: float):
         raise ValueError("SAM perturbs along the gradient: call backward before entering")
     buffers = _bn_buffers(model)
     with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        saved_buffers = [b.clone() for b in buffers]
-        grads = [p.grad * (p != 0) for p in params]
+        # Whole lists per call: this runs every training step, and an op per tensor cost ResNet-56
+        # (173 parameters, 171 BatchNorm buffers) 873 ops per step (session 55); now 15, plus allocations.
+        saved, saved_buffers = _copies(params), _copies(buffers)
+        nonzero = torch._foreach_abs(torch._foreach_sign(params))  # exactly 1.0 where w != 0, else 0.0
+        grads = torch._foreach_mul([p.grad for p in params], nonzero)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         # Scaled on the device: a .item() here would stall the GPU once per step.
         torch._foreach_add_(params, torch._foreach_mul(grads, rho / (norm + 1e-12)))

@@ -16,8 +16,8 @@ and the statistics as a single forward would.
 
 The cost is a second forward and backward per step: about twice the time of a plain step, ~1.3x an
 adversarial one, whose seven PGD passes are not repeated (session 47, ``robust_variants.md``). CUP-SS
-on ResNet-56 measured 3.5-5x per epoch (sessions 54-55, ``cup_variants.md``), not yet explained;
-``benchmarks/train_throughput.py --sam`` times the step alone.
+on ResNet-56 measured 3.5-5x per epoch (sessions 54-55, ``cup_variants.md``), and the step alone 3.81x
+at batch 256 compiled on an H100 (``benchmarks/train_throughput.py --sam``, session 57), not yet explained.
 """
 from contextlib import contextmanager
 

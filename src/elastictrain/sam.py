@@ -14,10 +14,11 @@ a perturbation there would measure a sharpness the sparse model cannot have. Wei
 running statistics are restored exactly (copied back, not subtracted), so the step leaves the masks
 and the statistics as a single forward would.
 
-The cost is a second forward and backward per step: about twice the time of a plain step, ~1.3x an
-adversarial one, whose seven PGD passes are not repeated (session 47, ``robust_variants.md``). CUP-SS
-on ResNet-56 measured 3.5-5x per epoch (sessions 54-55, ``cup_variants.md``), and the step alone 3.81x
-at batch 256 compiled on an H100 (``benchmarks/train_throughput.py --sam``, session 57), not yet explained.
+The cost is a second forward and backward per step: twice a plain step's arithmetic, ~1.3x an
+adversarial step, whose seven PGD passes are not repeated (session 47, ``robust_variants.md``). Measured
+on ResNet-56 it is more, not yet explained: 3.5-5x per CUP-SS epoch (sessions 54-55, ``cup_variants.md``)
+and 3.81x for the step alone at batch 256 compiled on an H100 (``benchmarks/train_throughput.py --sam``,
+session 57).
 """
 from contextlib import contextmanager
 
